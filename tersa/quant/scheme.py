@@ -30,7 +30,9 @@ class WeightScheme:
     ] = "channel"
     group_size: Annotated[
         Int | None,
-        Field(ge=8, description="inputs per group (granularity: group); a last group may be shorter"),
+        Field(
+            ge=8, description="inputs per group (granularity: group); a last group may be shorter"
+        ),
     ] = None
     symmetric: Annotated[Bool, Field(description="symmetric (no zero point) or asymmetric")] = True
 

@@ -1,0 +1,108 @@
+"""The CLI commands; each returns an exit code and raises TersaError for user errors."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from tersa.progress import Reporter, console
+
+stdout = Console()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tersa.pipeline import run_recipe
+    from tersa.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    output = Path(args.output) if args.output else Path("out") / Path(args.recipe).stem
+    reporter = Reporter(quiet=args.quiet)
+    result = run_recipe(recipe, output, overwrite=args.overwrite, reporter=reporter)
+    stdout.print(summary_table(result.metrics))
+    stdout.print(f"wrote {output}")
+    return 0
+
+
+def summary_table(metrics: dict) -> Table:
+    """Baseline vs compressed: perplexity, size, bits per parameter; then time and memory."""
+    base, comp = metrics["baseline"], metrics["compressed"]
+    table = Table(title=f"tersa run: {metrics['model']}")
+    table.add_column("")
+    table.add_column("perplexity", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("bits/param", justify="right")
+    params = base["params"]
+    for label, m in (("baseline", base), ("compressed", comp)):
+        ppl = f"{m['ppl']:.2f}" if "ppl" in m else "-"
+        table.add_row(label, ppl, _mib(m["size_bytes"]), f"{8 * m['size_bytes'] / params:.2f}")
+    for stage in metrics["stages"]:
+        table.add_row(f"stage {stage['name']}", "", f"{stage['wall_s']:.1f} s", "")
+    table.caption = f"wall {metrics['wall_s']:.1f} s, peak memory {_mib(metrics['peak_rss_bytes'])}"
+    return table
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tersa.data.sources import load_text
+    from tersa.data.tokens import eval_windows, tokenize_text
+    from tersa.eval.ppl import check_seq_len, perplexity
+    from tersa.loading import open_model
+    from tersa.sysinfo import resolve_device
+
+    dtype = getattr(torch, args.dtype)
+    device = resolve_device(args.device, dtype)
+    model, tokenizer, _ = open_model(args.model, dtype=dtype)
+    check_seq_len(model.config, args.seq_len)
+    split = args.split or ("evaluation" if args.data.startswith("embedded:") else None)
+    ids = tokenize_text(tokenizer, load_text(args.data, split, args.text_field))
+    windows = eval_windows(ids, args.seq_len, args.max_windows, spread=False)
+    model.to(device)
+    reporter = Reporter(quiet=args.quiet)
+    with reporter.task("perplexity", windows.shape[0]) as update:
+        result = perplexity(model, windows, batch_size=args.batch_size, progress=update)
+    print(f"ppl={result.ppl:.4f} tokens={result.tokens} windows={result.windows}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from tersa.export.inspect import inspect_folder
+
+    info = inspect_folder(args.folder)
+    table = Table(title=f"{info.folder} ({info.model_type})")
+    for col, justify in (("module", "left"), ("kind", "left"), ("params", "right"),
+                         ("bytes", "right"), ("bits/param", "right")):  # fmt: skip
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for row in info.rows:
+        table.add_row(
+            row.name, row.kind, f"{row.params:,}", f"{row.bytes:,}", f"{row.bits_per_param:.2f}"
+        )
+    stdout.print(table)
+    bpp = 8 * info.size_bytes / info.params if info.params else 0.0
+    print(
+        f"size={info.size_bytes} bytes ({_mib(info.size_bytes)}) params={info.params} bits_per_param={bpp:.3f}"
+    )
+    return 0
+
+
+def cmd_stages(args: argparse.Namespace) -> int:
+    from tersa.recipe import config_fields
+    from tersa.registry import stages
+
+    for name, stage in stages().items():
+        table = Table(title=f"{name}: {stage.doc}", title_justify="left")
+        for col in ("field", "type", "default", "description"):
+            table.add_column(col)
+        for field, typ, default, desc in config_fields(stage.config):
+            table.add_row(field, typ, repr(default), desc)
+        stdout.print(table)
+    return 0
+
+
+__all__ = ["cmd_eval", "cmd_inspect", "cmd_run", "cmd_stages", "console"]

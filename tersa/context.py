@@ -1,0 +1,67 @@
+"""What a stage gets besides the model and its config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from tersa.calib import run_blockwise
+from tersa.calib.blockwise import BlockFn
+from tersa.errors import RecipeError
+from tersa.models.adapters import Adapter, get_blocks
+from tersa.progress import Reporter
+
+if TYPE_CHECKING:
+    from tersa.recipe import Recipe
+
+
+@dataclass
+class StageContext:
+    """Shared state for the stages of one run.
+
+    ``calibration_ids`` is ``[N, T]`` token ids (None when the recipe has no calibration data);
+    ``workdir`` is a scratch folder inside the output being written.
+    """
+
+    adapter: Adapter
+    device: torch.device
+    reporter: Reporter = field(default_factory=lambda: Reporter(quiet=True))
+    calibration_ids: torch.Tensor | None = None
+    batch_size: int = 8
+    recipe: Recipe | None = None
+    stage_name: str = ""
+    workdir: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return get_blocks(model, self.adapter)
+
+    def blockwise(self, model: nn.Module, process: BlockFn) -> None:
+        """Run ``process(i, block, cache)`` on each block with calibration inputs (see calib)."""
+        if self.calibration_ids is None:
+            raise RecipeError(
+                f"stage '{self.stage_name}' needs calibration data; add a 'calibration' section"
+            )
+        blocks = self.blocks(model)
+        with self.reporter.task(f"{self.stage_name}: blocks", len(blocks)) as update:
+            run_blockwise(
+                model,
+                blocks,
+                self.calibration_ids,
+                process,
+                batch_size=self.batch_size,
+                device=self.device,
+                on_block=update,
+            )
+
+    def each_block(self, model: nn.Module, process: BlockFn) -> None:
+        """Data-free variant: ``process(i, block, None)`` on each block, with progress."""
+        blocks = self.blocks(model)
+        with self.reporter.task(f"{self.stage_name}: blocks", len(blocks)) as update:
+            for i, block in enumerate(blocks):
+                process(i, block, None)  # type: ignore[arg-type]
+                update(i + 1, len(blocks))

@@ -1,0 +1,96 @@
+"""Summarize a model folder: size, bits per parameter, and a per-layer table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from tersa.errors import ExportError
+from tersa.export.load import read_config
+from tersa.quant.scheme import ActivationScheme, WeightScheme, describe_activation, describe_weight
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+
+
+@dataclass
+class LayerRow:
+    """One module: its scheme tag, the parameters it represents and the bytes it stores."""
+
+    name: str
+    kind: str
+    params: int
+    bytes: int
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.bytes / self.params if self.params else 0.0
+
+
+@dataclass
+class Inspection:
+    folder: Path
+    model_type: str
+    rows: list[LayerRow]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(r.bytes for r in self.rows)
+
+    @property
+    def params(self) -> int:
+        return sum(r.params for r in self.rows)
+
+
+def inspect_folder(folder: str | Path) -> Inspection:
+    """Read config.json and the safetensors headers (no tensor data) of ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"'{folder}' is not a folder; give an export or model folder")
+    config = read_config(folder)
+    layers = (config.get("quantization_config") or {}).get("layers") or {}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"'{folder}' has no .safetensors files")
+    grouped: dict[str, dict[str, tuple[list[int], str]]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open has no iter)
+                    sl = f.get_slice(key)
+                    module, _, leaf = key.rpartition(".")
+                    grouped.setdefault(module, {})[leaf] = (list(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError) as e:
+            raise ExportError(f"'{file}' is not a readable safetensors file ({e})") from None
+    rows = [_row(name, tensors, layers.get(name)) for name, tensors in grouped.items()]
+    return Inspection(folder, str(config.get("model_type", "?")), rows)
+
+
+def _row(name: str, tensors: dict[str, tuple[list[int], str]], layer: dict | None) -> LayerRow:
+    nbytes = sum(_numel(shape) * _DTYPE_BYTES.get(dtype, 4) for shape, dtype in tensors.values())
+    if layer is None:
+        params = sum(_numel(s) for s, d in tensors.values())
+        kind = "/".join(sorted({d.lower() for _, d in tensors.values()}))
+        return LayerRow(name, kind, params, nbytes)
+    params = layer["in_features"] * layer["out_features"] + (
+        layer["out_features"] if layer["bias"] else 0
+    )
+    return LayerRow(name, _scheme_tag(layer), params, nbytes)
+
+
+def _scheme_tag(layer: dict) -> str:
+    parts = []
+    if layer.get("weights"):
+        parts.append(describe_weight(WeightScheme(**layer["weights"])))
+    if layer.get("activations"):
+        parts.append(describe_activation(ActivationScheme(**layer["activations"])))
+    return " ".join(parts)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,74 @@
+"""Write a (compressed) model as a tersa export folder; see :mod:`tersa.export.format`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from tersa.export.format import CONFIG_FILE, FORMAT_VERSION, QUANT_METHOD, WEIGHTS_FILE
+from tersa.quant.qlinear import QuantLinear
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once (first name wins: embeddings before lm_head)."""
+    seen: set[tuple[int, torch.Size, torch.dtype]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = (
+            tensor.untyped_storage().data_ptr() + tensor.storage_offset(),
+            tensor.shape,
+            tensor.dtype,
+        )
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of the tensor data (what the safetensors file holds besides its header)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{name: LAYER}`` for every :class:`QuantLinear` in the model (see the format doc)."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            layers[name] = {
+                "in_features": module.in_features,
+                "out_features": module.out_features,
+                "bias": module.bias is not None,
+                **module.scheme_dict(),
+            }
+    return layers
+
+
+def save_export(model: nn.Module, folder: Path) -> int:
+    """Write ``model.safetensors`` and ``config.json`` into ``folder``; returns tensor bytes."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in unique_state_dict(model).items()}
+    save_file(
+        tensors,
+        folder / WEIGHTS_FILE,
+        metadata={"format": "pt", "tersa_version": str(FORMAT_VERSION)},
+    )
+    config = model.config.to_dict()
+    layers = quantized_layers(model)
+    config.pop("quantization_config", None)
+    if layers:
+        config["quantization_config"] = {
+            "quant_method": QUANT_METHOD,
+            "version": FORMAT_VERSION,
+            "layers": layers,
+        }
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+    return tensor_bytes(tensors)

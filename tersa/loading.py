@@ -1,0 +1,36 @@
+"""Open any model tersa accepts: an embedded name, a Hugging Face folder, or a tersa export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from tersa.errors import ModelError
+from tersa.export.load import is_tersa_export, load_export
+from tersa.models.load import load_model
+
+
+def open_model(
+    spec: str, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, PreTrainedTokenizerBase, Path]:
+    """Load ``spec`` with its tokenizer; tersa exports keep their packed quantized weights."""
+    path = Path(spec)
+    if not spec.startswith("embedded:") and path.is_dir() and is_tersa_export(path):
+        model = load_export(path)
+        if dtype != _float_dtype(model):
+            model = model.to(dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ModelError(
+                f"'{path}' has no usable tokenizer ({e}); copy it from the source"
+            ) from None
+        return model, tokenizer, path
+    return load_model(spec, dtype=dtype)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

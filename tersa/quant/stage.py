@@ -1,0 +1,71 @@
+"""The ``quantize`` stage: replace the linears of every decoder block by quantized linears."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+from torch import nn
+
+from tersa.calib import BlockCache
+from tersa.config import STRICT, Str
+from tersa.context import StageContext
+from tersa.models.adapters import resolve
+from tersa.quant.qlinear import QuantLinear
+from tersa.quant.replace import find_linears, name_matches, replace_linear
+from tersa.quant.scheme import ActivationScheme, WeightScheme
+from tersa.registry import register_stage
+
+
+@dataclass(config=STRICT)
+class QuantizeConfig:
+    """Quantize weights and/or activations of the linears inside the decoder blocks."""
+
+    method: Annotated[Literal["rtn"], Field(description="rtn: round to nearest")] = "rtn"
+    weights: Annotated[
+        WeightScheme | None, Field(description="weight scheme (null: keep float)")
+    ] = Field(default_factory=WeightScheme)
+    activations: Annotated[
+        ActivationScheme | None, Field(description="input activation scheme (null: keep float)")
+    ] = None
+    ignore: Annotated[
+        list[Str],
+        Field(description="module names to leave alone: globs (*.down_proj) or re:REGEX"),
+    ] = Field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.weights is None and self.activations is None:
+            raise ValueError("set weights, activations or both; with neither nothing is quantized")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static (per-tensor) activation scales are calibrated; the rest is data-free."""
+        return self.activations is not None and self.activations.granularity == "tensor"
+
+
+@register_stage("quantize", QuantizeConfig)
+def quantize(model: nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> nn.Module:
+    """Quantize the linears of every decoder block (RTN weights, static or dynamic activations)."""
+    prefix = resolve(model, ctx.adapter, ctx.adapter.blocks)
+
+    def process(i: int, block: nn.Module, cache: BlockCache | None) -> None:
+        quantized = []
+        for name, linear in find_linears(block, ignore=[]).items():
+            if name_matches(f"{prefix}.{i}.{name}", cfg.ignore):
+                continue
+            qlinear = QuantLinear.from_float(linear, cfg.weights, cfg.activations)
+            replace_linear(block, name, qlinear)
+            quantized.append(qlinear)
+        if cache is not None:
+            for q in quantized:
+                q.start_calibration()
+            cache.run(block)
+            for q in quantized:
+                q.finish_calibration()
+
+    if cfg.needs_calibration:
+        ctx.blockwise(model, process)
+    else:
+        ctx.each_block(model, process)
+    return model

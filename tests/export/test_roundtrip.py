@@ -1,0 +1,100 @@
+"""Export → load gives bit-identical logits; the stored layout is what the format says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tersa.context import StageContext
+from tersa.export.load import is_tersa_export, load_export
+from tersa.export.save import save_export, unique_state_dict
+from tersa.models.adapters import get_adapter
+from tersa.models.tiny import tiny_model
+from tersa.quant.qlinear import QuantLinear
+from tersa.quant.scheme import ActivationScheme, WeightScheme
+from tersa.quant.stage import QuantizeConfig, quantize
+
+SCHEMES = {
+    "w8-channel": (WeightScheme(), None),
+    "w4-g48-asym": (
+        WeightScheme(bits=4, granularity="group", group_size=48, symmetric=False),
+        None,
+    ),
+    "w3-tensor": (WeightScheme(bits=3, granularity="tensor"), None),
+    "w8a8-token": (WeightScheme(), ActivationScheme()),
+    "a6-only": (None, ActivationScheme(bits=6, symmetric=False)),
+}
+
+
+def _quantized(family: str, weights, activations) -> torch.nn.Module:
+    model = tiny_model(family)
+    ctx = StageContext(adapter=get_adapter(model), device=torch.device("cpu"))
+    return quantize(model, QuantizeConfig(weights=weights, activations=activations), ctx)
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_round_trip_logits_identical(tmp_path: Path, family: str, scheme: str) -> None:
+    model = _quantized(family, *SCHEMES[scheme])
+    size = save_export(model, tmp_path)
+    assert is_tersa_export(tmp_path)
+    loaded = load_export(tmp_path)
+    ids = torch.randint(0, 300, (2, 13))
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    assert size == sum(t.numel() * t.element_size() for t in unique_state_dict(loaded).values())
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+
+
+def test_layout_and_config(tmp_path: Path) -> None:
+    model = _quantized("llama", *SCHEMES["w4-g48-asym"])
+    save_export(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "tersa" and qc["version"] == 0
+    layer = qc["layers"]["model.layers.1.mlp.down_proj"]
+    assert layer == {
+        "in_features": 176,
+        "out_features": 64,
+        "bias": False,
+        "weights": {"bits": 4, "granularity": "group", "group_size": 48, "symmetric": False},
+        "activations": None,
+    }
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "tersa_version": "0"}
+        prefix = "model.layers.1.mlp.down_proj."
+        packed = f.get_tensor(prefix + "weight_packed")
+        assert packed.dtype == torch.int32 and packed.shape == (64, 22)  # ceil(176 / 8)
+        assert f.get_tensor(prefix + "weight_scale").shape == (64, 4)  # groups 48, 48, 48, 32
+        assert f.get_tensor(prefix + "weight_zero_point").dtype == torch.int8
+        assert prefix + "weight" not in f.keys()  # noqa: SIM118
+
+
+def test_tied_embeddings_stored_once(tmp_path: Path) -> None:
+    model = tiny_model("llama", tie_word_embeddings=True)
+    ctx = StageContext(adapter=get_adapter(model), device=torch.device("cpu"))
+    model = quantize(model, QuantizeConfig(), ctx)
+    save_export(model, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    loaded = load_export(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, 300, (1, 5))
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+
+
+def test_loaded_linears_keep_packed_weights(tmp_path: Path) -> None:
+    save_export(_quantized("llama", *SCHEMES["w4-g48-asym"]), tmp_path)
+    loaded = load_export(tmp_path)
+    q = loaded.model.layers[0].self_attn.q_proj
+    assert isinstance(q, QuantLinear) and q.weight_packed.dtype == torch.int32
+    assert not hasattr(q, "weight") or q.weight is None

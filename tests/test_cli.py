@@ -1,0 +1,201 @@
+"""The CLI: each command on a tiny model, and every bad input ending in one message and exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tersa.cli import main
+from tests.helpers import tiny_recipe, tiny_setup, write_recipe
+
+W8A8 = {"quantize": {"weights": {"bits": 8}, "activations": {"bits": 8}}}
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> tuple[Path, Path]:
+    return tiny_setup(tmp_path)
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, " ".join(err.split())  # rich wraps long lines on stderr
+
+
+def test_run_writes_export_and_prints_summary(tmp_path, tiny, capsys) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(*tiny, [W8A8]))
+    out = tmp_path / "out"
+    code, stdout, _ = _run(["run", str(recipe), "--output", str(out), "--quiet"], capsys)
+    assert code == 0
+    assert "baseline" in stdout and "compressed" in stdout and f"wrote {out}" in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("model", "baseline", "compressed", "stages", "wall_s", "peak_rss_bytes"):
+        assert key in metrics
+    assert {"ppl", "size_bytes"} <= set(metrics["baseline"])
+    assert {"ppl", "size_bytes", "bits_per_param"} <= set(metrics["compressed"])
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "metrics.json",
+        "model.safetensors",
+        "recipe.yaml",
+        "tokenizer.json",
+    } <= names
+
+
+def test_eval_prints_ppl_for_folder_and_export(tmp_path, tiny, capsys) -> None:
+    model_dir, text = tiny
+    code, stdout, _ = _run(
+        [
+            "eval",
+            str(model_dir),
+            "--data",
+            str(text),
+            "--seq-len",
+            "32",
+            "--max-windows",
+            "3",
+            "-q",
+        ],
+        capsys,
+    )
+    assert code == 0
+    line = stdout.strip().splitlines()[-1]
+    assert line.startswith("ppl=") and "tokens=93 windows=3" in line
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model_dir, text, [W8A8]))
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+    capsys.readouterr()
+    code, stdout2, _ = _run(
+        [
+            "eval",
+            str(tmp_path / "out"),
+            "--data",
+            str(text),
+            "--seq-len",
+            "32",
+            "--max-windows",
+            "3",
+            "-q",
+        ],
+        capsys,
+    )
+    assert code == 0 and stdout2.startswith("ppl=")
+
+
+def test_inspect_shows_size_and_layers(tmp_path, tiny, capsys) -> None:
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_recipe(
+            *tiny,
+            [{"quantize": {"weights": {"bits": 4, "granularity": "group", "group_size": 32}}}],
+        ),
+    )
+    main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"])
+    capsys.readouterr()
+    code, stdout, _ = _run(["inspect", str(tmp_path / "out")], capsys)
+    assert code == 0
+    assert "w4-g32-sym" in stdout and "model.layers.1.mlp.down_proj" in stdout
+    assert "bits_per_param=" in stdout.splitlines()[-1]
+
+
+def test_stages_lists_fields(capsys) -> None:
+    code, stdout, _ = _run(["stages"], capsys)
+    assert code == 0 and "quantize" in stdout and "weights.group_size" in stdout
+
+
+BAD_CASES = {
+    "missing model path": (
+        lambda t, m, x: tiny_recipe(t / "nowhere", x, [W8A8]),
+        "does not exist",
+    ),
+    "recipe typo": (
+        lambda t, m, x: {**tiny_recipe(m, x, [W8A8]), "evaluaton": {}},
+        "evaluaton: unknown key 'evaluaton'; allowed:",
+    ),
+    "empty dataset": (
+        lambda t, m, x: tiny_recipe(m, (t / "empty.txt"), [W8A8]),
+        "empty",
+    ),
+    "sequence length above the maximum": (
+        lambda t, m, x: {
+            **tiny_recipe(m, x, [W8A8]),
+            "evaluation": {"data": str(x), "seq_len": 4096},
+        },
+        "seq_len 4096 exceeds the model's maximum of 256 positions",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_recipe_inputs_exit_2_with_one_message(case, tmp_path, tiny, capsys) -> None:
+    model_dir, text = tiny
+    (tmp_path / "empty.txt").write_text("")
+    make, expected = BAD_CASES[case]
+    recipe = write_recipe(tmp_path / "r.yaml", make(tmp_path, model_dir, text))
+    out = tmp_path / "out"
+    code, _, stderr = _run(["run", str(recipe), "-o", str(out), "-q"], capsys)
+    assert code == 2
+    assert stderr.startswith("error: ") and expected in stderr
+    assert "Traceback" not in stderr
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_corrupt_safetensors_and_unsupported_architecture(tmp_path, tiny, capsys) -> None:
+    model_dir, text = tiny
+    (model_dir / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    code, _, stderr = _run(["eval", str(model_dir), "--data", str(text), "-q"], capsys)
+    assert code == 2 and "model.safetensors" in stderr and "Traceback" not in stderr
+
+    config = json.loads((model_dir / "config.json").read_text())
+    config["model_type"] = "gptj"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    code, _, stderr = _run(["eval", str(model_dir), "--data", str(text), "-q"], capsys)
+    assert (
+        code == 2 and "unsupported model_type 'gptj'; tersa supports: bert, gpt2, llama" in stderr
+    )
+
+
+def test_existing_output_without_overwrite(tmp_path, tiny, capsys) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(*tiny, [W8A8]))
+    (tmp_path / "out").mkdir()
+    code, _, stderr = _run(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert code == 2
+    assert (
+        stderr
+        == f"error: output '{tmp_path / 'out'}' already exists; pass --overwrite or choose another folder"
+    )
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_bad_cli_arguments_exit_2(tiny) -> None:
+    model_dir, text = tiny
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tersa.cli",
+            "eval",
+            str(model_dir),
+            "--data",
+            str(text),
+            "--seq-len",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "expected a positive integer, got 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_recipe_file_exit_2(tmp_path, capsys) -> None:
+    code, _, stderr = _run(["run", str(tmp_path / "none.yaml")], capsys)
+    assert (
+        code == 2
+        and stderr
+        == f"error: recipe '{tmp_path / 'none.yaml'}' does not exist; give the path of a recipe YAML file"
+    )
