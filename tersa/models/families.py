@@ -1,0 +1,137 @@
+"""The per-family adapter definitions, checked against transformers 5.24 module names.
+
+Every path here was read off ``named_modules()`` of a model built from ``tiny_config(family)``;
+``tests/models/test_adapters.py`` re-checks all of them on every run.
+"""
+
+from __future__ import annotations
+
+from tersa.models.layout import Adapter, AttentionLayout, NormGroup, ScalePair
+
+
+def _llama_like(model_type: str, qk_norm: bool = False) -> Adapter:
+    """Llama, Mistral, Qwen2 and Qwen3 share one layout (Qwen3 adds per-head q/k RMSNorm)."""
+    return Adapter(
+        model_type=model_type,
+        causal=True,
+        base="model",
+        blocks="model.layers",
+        # RoPE tables are a module on the bare model, computed once before the first block.
+        embeddings=("model.embed_tokens", "model.rotary_emb"),
+        final_norm="model.norm",
+        lm_head="lm_head",
+        norm_groups=(
+            NormGroup(
+                "input_layernorm",
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                "attention",
+            ),
+            NormGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ),
+        # up → down is exact because the gate multiplies elementwise: (g ⊙ u/s)·(W s) = (g ⊙ u)·W.
+        scale_pairs=(
+            ScalePair("self_attn.v_proj", "self_attn.o_proj"),
+            ScalePair("mlp.up_proj", "mlp.down_proj"),
+        ),
+        attention=AttentionLayout(
+            q="self_attn.q_proj",
+            k="self_attn.k_proj",
+            v="self_attn.v_proj",
+            o="self_attn.o_proj",
+            num_kv_heads_attr="num_key_value_heads",
+            head_dim_attr="head_dim",
+            q_norm="self_attn.q_norm" if qk_norm else None,
+            k_norm="self_attn.k_norm" if qk_norm else None,
+        ),
+        mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    )
+
+
+OPT = Adapter(
+    model_type="opt",
+    causal=True,
+    base="model",
+    blocks="model.decoder.layers",
+    # project_in/project_out exist only when word_embed_proj_dim != hidden_size (OPT-350m).
+    embeddings=(
+        "model.decoder.embed_tokens",
+        "model.decoder.embed_positions",
+        "model.decoder.project_in",
+    ),
+    # Absent in post-norm configs (do_layer_norm_before=False).
+    final_norm="model.decoder.final_layer_norm",
+    lm_head="lm_head",
+    after_blocks=("model.decoder.project_out",),
+    norm_groups=(
+        NormGroup(
+            "self_attn_layer_norm",
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "attention",
+        ),
+        NormGroup("final_layer_norm", ("fc1",), "mlp"),
+    ),
+    # Post-norm: self_attn_layer_norm (after the attention residual) feeds fc1; final_layer_norm
+    # feeds the next block's q/k/v, which no block-relative path can name.
+    post_norm_groups=(NormGroup("self_attn_layer_norm", ("fc1",), "mlp"),),
+    pre_norm_attr="do_layer_norm_before",
+    # fc1 → fc2 is left out: ReLU commutes with positive scales only, and not with shifts.
+    scale_pairs=(ScalePair("self_attn.v_proj", "self_attn.out_proj"),),
+    attention=AttentionLayout(
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj"
+    ),
+    mlp=("fc1", "fc2"),
+)
+
+GPT2 = Adapter(
+    model_type="gpt2",
+    causal=True,
+    base="transformer",
+    blocks="transformer.h",
+    embeddings=("transformer.wte", "transformer.wpe"),
+    final_norm="transformer.ln_f",
+    lm_head="lm_head",
+    norm_groups=(
+        NormGroup("ln_1", ("attn.c_attn",), "attention"),
+        NormGroup("ln_2", ("mlp.c_fc",), "mlp"),
+    ),
+    # c_attn is a fused [q | k | v] Conv1D: only its v third migrates exactly into c_proj, and a
+    # whole-module pair would wrongly scale q and k. c_fc → c_proj has GELU between. So: none.
+    scale_pairs=(),
+    attention=AttentionLayout(
+        q="attn.c_attn", k="attn.c_attn", v="attn.c_attn", o="attn.c_proj", fused_qkv=True
+    ),
+    mlp=("mlp.c_fc", "mlp.c_proj"),
+)
+
+BERT = Adapter(
+    model_type="bert",
+    causal=False,
+    base="bert",
+    blocks="bert.encoder.layer",
+    embeddings=("bert.embeddings",),  # word + position + token-type embeddings, then LayerNorm
+    final_norm=None,  # post-norm: every block already ends in output.LayerNorm
+    lm_head="cls",  # BertOnlyMLMHead (dense, GELU, LayerNorm, decoder); absent on BertModel
+    pre_norm=False,
+    # query/key/value read the previous block's output.LayerNorm (or embeddings.LayerNorm), which
+    # is not block-relative; only the in-block MLP group is listed.
+    norm_groups=(NormGroup("attention.output.LayerNorm", ("intermediate.dense",), "mlp"),),
+    scale_pairs=(ScalePair("attention.self.value", "attention.output.dense"),),
+    attention=AttentionLayout(
+        q="attention.self.query",
+        k="attention.self.key",
+        v="attention.self.value",
+        o="attention.output.dense",
+    ),
+    mlp=("intermediate.dense", "output.dense"),
+)
+
+# The registry: HF model_type → Adapter. Adding a family means adding one line here.
+ADAPTERS: dict[str, Adapter] = {
+    "llama": _llama_like("llama"),
+    "mistral": _llama_like("mistral"),
+    "qwen2": _llama_like("qwen2"),
+    "qwen3": _llama_like("qwen3", qk_norm=True),
+    "opt": OPT,
+    "gpt2": GPT2,
+    "bert": BERT,
+}
