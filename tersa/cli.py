@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
         "--seq-len", type=_positive, default=512, help="tokens per window (default 512)"
     )
     ev.add_argument("--max-windows", type=_positive, help="score the first N windows (default all)")
+    ev.add_argument(
+        "--spread",
+        action="store_true",
+        help="spread the N windows evenly over the text instead of the first N (as recipes do)",
+    )
     ev.add_argument("--batch-size", type=_positive, default=8, help="windows per forward pass")
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -62,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_seq_len(model.config, args.seq_len)
     split = args.split or ("evaluation" if args.data.startswith("embedded:") else None)
     ids = tokenize_text(tokenizer, load_text(args.data, split, args.text_field))
-    windows = eval_windows(ids, args.seq_len, args.max_windows, spread=False)
+    windows = eval_windows(ids, args.seq_len, args.max_windows, spread=args.spread)
     model.to(device)
     reporter = Reporter(quiet=args.quiet)
     with reporter.task("perplexity", windows.shape[0]) as update:

@@ -13,6 +13,7 @@ from tersa.calib import run_blockwise
 from tersa.calib.blockwise import BlockFn
 from tersa.errors import RecipeError
 from tersa.models.adapters import Adapter, get_blocks
+from tersa.offload import onloaded
 from tersa.progress import Reporter
 
 if TYPE_CHECKING:
@@ -63,5 +64,6 @@ class StageContext:
         blocks = self.blocks(model)
         with self.reporter.task(f"{self.stage_name}: blocks", len(blocks)) as update:
             for i, block in enumerate(blocks):
-                process(i, block, None)  # type: ignore[arg-type]
+                with onloaded(block, self.device):
+                    process(i, block, None)  # type: ignore[arg-type]
                 update(i + 1, len(blocks))

@@ -6,6 +6,7 @@ import json
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from tersa.export.format import METRICS_FILE, RECIPE_FILE
 from tersa.export.save import save_export, tensor_bytes, unique_state_dict
 from tersa.loading import open_model
 from tersa.models.adapters import get_adapter
+from tersa.offload import offloaded
 from tersa.progress import Reporter
 from tersa.recipe import Recipe
 from tersa.registry import get_stage
@@ -81,26 +83,21 @@ def run_recipe(
         "params": n_params,
     }
     if run.eval_ids is not None and recipe.evaluation and recipe.evaluation.baseline:
-        baseline.update(_evaluate(model, run.eval_ids, recipe, reporter, "baseline"))
+        baseline.update(_evaluate(run, reporter, "baseline"))
     metrics["baseline"] = baseline
 
     metrics["stages"] = run.apply_stages()
     model = run.model
     compressed: dict[str, Any] = {}
     if run.eval_ids is not None:
-        compressed.update(_evaluate(model, run.eval_ids, recipe, reporter, "compressed"))
-    if output is not None:
-        compressed["size_bytes"] = _write_output(
-            model, run.tokenizer, recipe, output, overwrite, metrics
-        )
-    else:
-        compressed["size_bytes"] = tensor_bytes(unique_state_dict(model))
+        compressed.update(_evaluate(run, reporter, "compressed"))
+    compressed["size_bytes"] = tensor_bytes(unique_state_dict(model))
     compressed["bits_per_param"] = round(8 * compressed["size_bytes"] / n_params, 4)
     metrics["compressed"] = compressed
-    metrics["wall_s"] = round(time.perf_counter() - started, 3)
+    metrics["wall_s"] = round(time.perf_counter() - started, 3)  # everything but writing files
     metrics["peak_rss_bytes"] = peak_rss_bytes()
     if output is not None:
-        (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        _write_output(model, run.tokenizer, recipe, output, overwrite, metrics)
     return RunResult(output, model, metrics)
 
 
@@ -127,7 +124,8 @@ class _Run:
         dtype = getattr(torch, recipe.dtype)
         device = resolve_device(recipe.device, dtype)
         model, tokenizer, _ = open_model(recipe.model, dtype=dtype)
-        model.to(device)
+        if not recipe.offload:
+            model.to(device)
         adapter = get_adapter(model)
         calib_ids, eval_ids = _prepare_data(recipe, tokenizer, model, evaluation)
         ctx = StageContext(
@@ -182,13 +180,18 @@ def _default_split(data: str, split: str) -> str | None:
     return split if data.startswith("embedded:") else None
 
 
-def _evaluate(
-    model: nn.Module, windows: torch.Tensor, recipe: Recipe, reporter: Reporter, label: str
-) -> dict[str, Any]:
-    assert recipe.evaluation is not None
-    with reporter.task(f"perplexity ({label})", windows.shape[0]) as update:
+def _evaluate(run: _Run, reporter: Reporter, label: str) -> dict[str, Any]:
+    """Perplexity of the run's model; through offload hooks when the weights stay on the CPU."""
+    evaluation, device = run.recipe.evaluation, run.ctx.device
+    assert evaluation is not None and run.eval_ids is not None
+    offload = offloaded(run.model, device) if run.recipe.offload else nullcontext()
+    with offload, reporter.task(f"perplexity ({label})", run.eval_ids.shape[0]) as update:
         result = perplexity(
-            model, windows, batch_size=recipe.evaluation.batch_size, progress=update
+            run.model,
+            run.eval_ids,
+            batch_size=evaluation.batch_size,
+            device=device,
+            progress=update,
         )
     return {"ppl": round(result.ppl, 4), "eval_tokens": result.tokens}
 
@@ -200,16 +203,13 @@ def _write_output(
     output: Path,
     overwrite: bool,
     metrics: dict[str, Any],
-) -> int:
+) -> None:
     """Write everything into a temp folder next to ``output``, then rename it into place."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        size = (
+        if recipe.export.model:
             save_export(model, tmp)
-            if recipe.export.model
-            else tensor_bytes(unique_state_dict(model))
-        )
         if recipe.export.tokenizer:
             tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -218,7 +218,6 @@ def _write_output(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return size
 
 
 def _replace_folder(tmp: Path, output: Path, overwrite: bool) -> None:

@@ -86,6 +86,10 @@ class Recipe:
     device: Annotated[
         Literal["auto", "cpu", "cuda"], Field(description="compute device (auto: cuda if present)")
     ] = "auto"
+    offload: Annotated[
+        Bool,
+        Field(description="keep weights on the CPU; one block at a time moves to the device"),
+    ] = False
     version: Annotated[Int, Field(ge=1, le=RECIPE_VERSION, description="recipe format version")] = (
         RECIPE_VERSION
     )

@@ -18,6 +18,8 @@ import torch
 from accelerate.utils import send_to_device
 from torch import nn
 
+from tersa.offload import onloaded
+
 
 class _StopForward(Exception):
     """Raised by the capture hook so the model stops after the first block's inputs are known."""
@@ -141,11 +143,9 @@ def run_blockwise(
     device = device or next(model.parameters()).device
     cache = capture_block_inputs(model, blocks, input_ids, batch_size, device)
     for i, block in enumerate(blocks):
-        home = next(block.parameters()).device
-        block.to(device)
-        process(i, block, cache)
-        if i + 1 < len(blocks):
-            cache.advance(block)
-        block.to(home)
+        with onloaded(block, device):
+            process(i, block, cache)
+            if i + 1 < len(blocks):
+                cache.advance(block)
         if on_block is not None:
             on_block(i + 1, len(blocks))

@@ -51,7 +51,8 @@ def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def save_export(model: nn.Module, folder: Path) -> int:
-    """Write ``model.safetensors`` and ``config.json`` into ``folder``; returns tensor bytes."""
+    """Write ``model.safetensors`` and ``config.json`` into ``folder``; returns the tensor bytes
+    (equal to ``tensor_bytes(unique_state_dict(model))``)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in unique_state_dict(model).items()}
     save_file(
         tensors,

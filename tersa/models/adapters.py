@@ -7,14 +7,13 @@ modules on either the task model (``LlamaForCausalLM``) or the bare one (``Llama
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.pytorch_utils import Conv1D
 
 from tersa.errors import ModelError
 from tersa.models.families import ADAPTERS
 from tersa.models.layout import Adapter, AttentionLayout, NormGroup, ScalePair
+from tersa.quant.replace import linear_weight
 
 __all__ = [
     "Adapter",
@@ -105,16 +104,3 @@ def get_blocks(model: nn.Module, adapter: Adapter | None = None) -> nn.ModuleLis
             "tersa.models.load.load_model or a transformers Auto class"
         )
     return blocks
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight of an ``nn.Linear`` or HF ``Conv1D`` as ``[out, in]``.
-
-    ``Conv1D`` (GPT-2) stores ``[in, out]``; the result is then a transposed view of it, so an
-    in-place write reaches the module.
-    """
-    if isinstance(module, Conv1D):
-        return module.weight.t()
-    if isinstance(module, nn.Linear):
-        return module.weight
-    raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")

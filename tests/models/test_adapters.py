@@ -210,7 +210,7 @@ def test_linear_weight_conv1d_is_a_view() -> None:
     with torch.no_grad():
         w[0, 0] = 7.0
     assert conv.weight[0, 0] == 7.0
-    with pytest.raises(TypeError, match=r"expected nn\.Linear or Conv1D, got ReLU"):
+    with pytest.raises(TypeError, match=r"expected nn\.Linear or transformers Conv1D, got ReLU"):
         linear_weight(nn.ReLU())
 
 
