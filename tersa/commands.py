@@ -28,20 +28,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def summary_table(metrics: dict) -> Table:
-    """Baseline vs compressed: perplexity, size, bits per parameter; then time and memory."""
+    """Baseline vs compressed (perplexity, size, bits per parameter), then each stage's time."""
     base, comp = metrics["baseline"], metrics["compressed"]
     table = Table(title=f"tersa run: {metrics['model']}")
-    table.add_column("")
-    table.add_column("perplexity", justify="right")
-    table.add_column("size", justify="right")
-    table.add_column("bits/param", justify="right")
-    params = base["params"]
+    for col in ("", "perplexity", "size", "bits/param", "time"):
+        table.add_column(col, justify="right" if col else "left")
     for label, m in (("baseline", base), ("compressed", comp)):
         ppl = f"{m['ppl']:.2f}" if "ppl" in m else "-"
-        table.add_row(label, ppl, _mib(m["size_bytes"]), f"{8 * m['size_bytes'] / params:.2f}")
+        bpp = f"{8 * m['size_bytes'] / base['params']:.2f}"
+        table.add_row(label, ppl, _mib(m["size_bytes"]), bpp, "")
     for stage in metrics["stages"]:
-        table.add_row(f"stage {stage['name']}", "", f"{stage['wall_s']:.1f} s", "")
-    table.caption = f"wall {metrics['wall_s']:.1f} s, peak memory {_mib(metrics['peak_rss_bytes'])}"
+        table.add_row(f"stage {stage['name']}", "", "", "", f"{stage['wall_s']:.1f} s")
+    table.add_row("total", "", "", "", f"{metrics['wall_s']:.1f} s")
+    table.caption = f"peak memory {_mib(metrics['peak_rss_bytes'])}"
     return table
 
 

@@ -90,12 +90,38 @@ def perplexity(
 
 def _batch_nll(model: nn.Module, batch: torch.LongTensor) -> torch.Tensor:
     """Summed next-token NLL of ``batch`` ``[B, L]`` as a float64 scalar."""
-    out = model(input_ids=batch, use_cache=False)
-    logits = out.logits if hasattr(out, "logits") else out[0]  # [B, L, V]
-    pred = logits[:, :-1].float()  # [B, L-1, V]; upcast so bf16 logits don't round the loss
-    target = batch[:, 1:]  # [B, L-1]
-    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
-    return nll.double().sum()  # float64 sum: thousands of per-token terms per batch
+    head = _plain_head(model)
+    if head is None:
+        out = model(input_ids=batch, use_cache=False)
+        logits = out.logits if hasattr(out, "logits") else out[0]  # [B, L, V]
+        return sum((_nll(logits[b, :-1], batch[b, 1:]) for b in range(batch.shape[0])), _ZERO)
+    # Logits for a whole batch are [B, L, V] (805 MB for 8x512 SmolLM2 windows in fp32, and the
+    # loss needs another copy); the head runs window by window instead, so evaluation peaks near
+    # the model's own size.
+    hidden = model.base_model(input_ids=batch, use_cache=False)[0]  # [B, L, H]
+    return sum((_nll(head(hidden[b, :-1]), batch[b, 1:]) for b in range(batch.shape[0])), _ZERO)
+
+
+_ZERO = torch.zeros((), dtype=torch.float64)
+
+
+def _nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of ``logits`` ``[T, V]`` against ``target`` ``[T]``, in float64."""
+    # Upcast so bf16 logits don't round the loss; sum in float64 over thousands of terms.
+    nll = F.cross_entropy(logits.float(), target, reduction="none")
+    return nll.double().sum().cpu()
+
+
+def _plain_head(model: nn.Module) -> nn.Module | None:
+    """The LM head when logits are exactly ``head(base_model(x)[0])``, else None."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(model, "base_model", model) is model:
+        return None
+    # Families that scale or cap their logits after the head need the model's own forward.
+    if any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale")):
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head if isinstance(head, nn.Module) else None
 
 
 def _model_device(model: nn.Module) -> torch.device:

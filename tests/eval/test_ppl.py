@@ -139,3 +139,18 @@ def test_check_seq_len_n_positions() -> None:
 
 def test_check_seq_len_without_a_limit() -> None:
     check_seq_len(object(), 10**6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "opt", "gpt2"])
+def test_window_by_window_head_matches_the_full_forward(family: str) -> None:
+    from tersa.models.tiny import tiny_model
+
+    model = tiny_model(family)
+    windows = torch.randint(0, 300, (3, 21))
+    got = perplexity(model, windows, batch_size=2)
+    with torch.no_grad():
+        logits = model(input_ids=windows, use_cache=False).logits[:, :-1]
+    ref = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)
+    )
+    assert got.nll == pytest.approx(ref.item(), rel=1e-6)
