@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -11,7 +12,9 @@ from rich.table import Table
 
 from tersa.progress import Reporter, console
 
-stdout = Console()
+# Piped output (files, CI logs) gets a fixed wide layout instead of rich's 80-column default, so
+# module names are not cut.
+stdout = Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -51,13 +54,14 @@ def _mib(n: int) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tersa.data.sources import load_text
     from tersa.data.tokens import eval_windows, tokenize_text
-    from tersa.eval.ppl import check_seq_len, perplexity
+    from tersa.eval.ppl import check_causal, check_seq_len, perplexity
     from tersa.loading import open_model
     from tersa.sysinfo import resolve_device
 
     dtype = getattr(torch, args.dtype)
     device = resolve_device(args.device, dtype)
     model, tokenizer, _ = open_model(args.model, dtype=dtype)
+    check_causal(model.config)
     check_seq_len(model.config, args.seq_len)
     split = args.split or ("evaluation" if args.data.startswith("embedded:") else None)
     ids = tokenize_text(tokenizer, load_text(args.data, split, args.text_field))

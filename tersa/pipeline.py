@@ -20,7 +20,7 @@ from tersa.context import StageContext
 from tersa.data.sources import load_text
 from tersa.data.tokens import calibration_samples, eval_windows, tokenize_text
 from tersa.errors import ExportError, RecipeError
-from tersa.eval.ppl import check_seq_len, perplexity
+from tersa.eval.ppl import check_causal, check_seq_len, perplexity
 from tersa.export.format import METRICS_FILE, RECIPE_FILE
 from tersa.export.save import save_export, tensor_bytes, unique_state_dict
 from tersa.loading import open_model
@@ -168,6 +168,7 @@ def _prepare_data(
         )
     ev = recipe.evaluation
     if ev is not None and evaluation:
+        check_causal(model.config)
         check_seq_len(model.config, ev.seq_len)
         text = load_text(ev.data, ev.split or _default_split(ev.data, "evaluation"), ev.text_field)
         eval_ids = eval_windows(

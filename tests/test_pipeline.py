@@ -149,3 +149,23 @@ def test_offload_gives_the_same_model_and_perplexity(tmp_path: Path) -> None:
     assert off.metrics["compressed"]["ppl"] == plain["compressed"]["ppl"]
     assert not any(t.is_meta for t in off.model.state_dict().values())
     assert not any(hasattr(m, "_hf_hook") for m in off.model.modules())
+
+
+def test_bert_encoder_is_quantized_and_exported_without_evaluation(tmp_path: Path) -> None:
+    from tersa.errors import DataError
+
+    model_dir, text = tiny_setup(tmp_path, "bert")
+    with pytest.raises(DataError) as e:
+        run_recipe(parse_recipe(tiny_recipe(model_dir, text, [W8A8])), None)
+    assert str(e.value) == (
+        "perplexity needs a causal language model; 'bert' is an encoder. "
+        "Set 'evaluation: null' in the recipe to compress it without evaluation"
+    )
+    out = tmp_path / "out"
+    result = run_recipe(parse_recipe(tiny_recipe(model_dir, text, [W8A8], evaluation=None)), out)
+    assert "ppl" not in result.metrics["compressed"]
+    loaded = load_export(out)
+    n_quant = sum(isinstance(m, QuantLinear) for m in loaded.modules())
+    assert n_quant == 2 * 6  # query, key, value, attention output, intermediate, output per layer
+    ids = torch.randint(0, 300, (2, 9))
+    assert torch.equal(_logits(loaded, ids), _logits(result.model, ids))

@@ -44,6 +44,18 @@ def check_seq_len(config: object, seq_len: int) -> None:
         )
 
 
+def check_causal(config: object) -> None:
+    """Refuse perplexity for encoders (BERT-style masked LMs have no next-token predictions)."""
+    from tersa.models.adapters import get_adapter
+
+    adapter = get_adapter(config)  # type: ignore[arg-type]
+    if not adapter.causal:
+        raise DataError(
+            f"perplexity needs a causal language model; '{adapter.model_type}' is an encoder. "
+            "Set 'evaluation: null' in the recipe to compress it without evaluation"
+        )
+
+
 def perplexity(
     model: nn.Module,
     windows: torch.LongTensor,

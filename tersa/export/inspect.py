@@ -65,6 +65,7 @@ def inspect_folder(folder: str | Path) -> Inspection:
         except (SafetensorError, OSError) as e:
             raise ExportError(f"'{file}' is not a readable safetensors file ({e})") from None
     rows = [_row(name, tensors, layers.get(name)) for name, tensors in grouped.items()]
+    rows.sort(key=lambda r: _natural_key(r.name))
     return Inspection(folder, str(config.get("model_type", "?")), rows)
 
 
@@ -87,6 +88,11 @@ def _scheme_tag(layer: dict) -> str:
     if layer.get("activations"):
         parts.append(describe_activation(ActivationScheme(**layer["activations"])))
     return " ".join(parts)
+
+
+def _natural_key(name: str) -> list[tuple[int, int | str]]:
+    """``layers.2`` before ``layers.10``: numeric parts compare as numbers."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in name.split(".")]
 
 
 def _numel(shape: list[int]) -> int:

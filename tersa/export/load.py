@@ -15,7 +15,7 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig
 
 from tersa.errors import ExportError
 from tersa.export.format import (
@@ -24,6 +24,7 @@ from tersa.export.format import (
     SUPPORTED_VERSIONS,
     WEIGHTS_FILE,
 )
+from tersa.models.adapters import get_adapter
 from tersa.quant.qlinear import QuantLinear
 from tersa.quant.replace import replace_linear
 
@@ -54,8 +55,9 @@ def load_export(folder: str | Path) -> nn.Module:
     layers = _layer_table(raw.get("quantization_config"), folder)
     config = _build_config(raw, folder)
     dtype = _config_dtype(config)
+    auto = AutoModelForCausalLM if get_adapter(config).causal else AutoModelForMaskedLM
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto.from_config(config, dtype=dtype)
     for name, spec in layers.items():
         _swap_in(model, name, spec, dtype)
     tensors = _read_tensors(folder / WEIGHTS_FILE)
