@@ -35,8 +35,16 @@ class StageContext:
     batch_size: int = 8
     recipe: Recipe | None = None
     stage_name: str = ""
+    stage_index: int = 0
     workdir: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+    def next_config(self, stage: str) -> Any | None:
+        """The config of the first ``stage`` stage after the current one in the recipe, if any."""
+        if self.recipe is None:
+            return None
+        later = self.recipe.stages[self.stage_index + 1 :]
+        return next((cfg for name, cfg in later if name == stage), None)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return get_blocks(model, self.adapter)

@@ -141,9 +141,9 @@ class _Run:
     def apply_stages(self) -> list[dict[str, Any]]:
         """Run the stages in order; returns ``[{"name", "wall_s"}]``."""
         timings = []
-        for name, cfg in self.recipe.stages:
+        for index, (name, cfg) in enumerate(self.recipe.stages):
             t0 = time.perf_counter()
-            self.ctx.stage_name = name
+            self.ctx.stage_name, self.ctx.stage_index = name, index
             self.model = get_stage(name).fn(self.model, cfg, self.ctx)
             timings.append({"name": name, "wall_s": round(time.perf_counter() - t0, 3)})
         return timings

@@ -142,6 +142,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: missing key 'model' (embedded:smollm2-135m or a folder)")
     problems: list[str] = []
     stage_list = _parse_stages(data.pop("stages", []), problems)
+    problems.extend(_check_order(stage_list))
     try:
         recipe = TypeAdapter(Recipe).validate_python({**data, "stages": []})
     except ValidationError as e:
@@ -179,6 +180,23 @@ def _parse_stages(items: Any, problems: list[str]) -> list[tuple[str, Any]]:
         except ValidationError as e:
             problems.extend(_format_errors(e, config, prefix=f"{where}.{name}"))
     return parsed
+
+
+def _check_order(stage_list: list[tuple[str, Any]]) -> list[str]:
+    """Transforms of the float model must precede the quantization they prepare for."""
+    registry = stages()
+    first_quant = next(
+        (i for i, (name, _) in enumerate(stage_list) if registry[name].kind == "quantize"), None
+    )
+    if first_quant is None:
+        return []
+    quant = stage_list[first_quant][0]
+    return [
+        f"stages[{i}]: '{name}' transforms the float model and must come before "
+        f"'{quant}' (stages[{first_quant}]); move it up"
+        for i, (name, _) in enumerate(stage_list)
+        if i > first_quant and registry[name].kind == "transform"
+    ]
 
 
 def _format_errors(error: ValidationError, root: type, prefix: str) -> list[str]:

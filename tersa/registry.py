@@ -10,13 +10,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from torch import nn
 
     from tersa.context import StageContext
 
+StageKind = Literal["transform", "quantize"]
 StageFn = Callable[["nn.Module", Any, "StageContext"], "nn.Module"]
 
 # Modules that define built-in stages; importing one registers its stages.
@@ -33,16 +34,23 @@ class Stage:
     config: type
     fn: StageFn
     doc: str
+    kind: StageKind = "quantize"
 
 
-def register_stage(name: str, config: type) -> Callable[[StageFn], StageFn]:
-    """Register ``fn`` as the stage ``name`` configured by the dataclass ``config``."""
+def register_stage(
+    name: str, config: type, kind: StageKind = "quantize"
+) -> Callable[[StageFn], StageFn]:
+    """Register ``fn`` as the stage ``name`` configured by the dataclass ``config``.
+
+    ``kind`` orders stages in a recipe: ``transform`` stages rewrite the float model (outlier
+    suppression) and must come before every ``quantize`` stage.
+    """
 
     def decorate(fn: StageFn) -> StageFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise RuntimeError(f"stage '{name}' is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = Stage(name, config, fn, doc[0] if doc else "")
+        _REGISTRY[name] = Stage(name, config, fn, doc[0] if doc else "", kind)
         return fn
 
     return decorate

@@ -25,8 +25,9 @@ from tersa.export.format import (
     WEIGHTS_FILE,
 )
 from tersa.models.adapters import get_adapter
+from tersa.quant.norms import BiasedRMSNorm, rms_eps
 from tersa.quant.qlinear import QuantLinear
-from tersa.quant.replace import replace_linear
+from tersa.quant.replace import linear_weight, replace_linear
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -60,6 +61,7 @@ def load_export(folder: str | Path) -> nn.Module:
         model = auto.from_config(config, dtype=dtype)
     for name, spec in layers.items():
         _swap_in(model, name, spec, dtype)
+    _add_structure(model, raw.get("quantization_config") or {}, folder)
     tensors = _read_tensors(folder / WEIGHTS_FILE)
     _check_tensors(model, tensors, folder)
     model.load_state_dict(tensors, strict=False, assign=True)
@@ -119,6 +121,25 @@ def _swap_in(model: nn.Module, name: str, spec: dict[str, Any], dtype: torch.dty
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise ExportError(f"quantized layer '{name}' in the config is invalid: {e}") from None
     replace_linear(model, name, module)
+
+
+def _add_structure(model: nn.Module, qc: dict[str, Any], folder: Path) -> None:
+    """Biases on norms and linears that the transformers config has no flag for."""
+    try:
+        for name in qc.get("biased_norms", []):
+            norm = model.get_submodule(name)
+            parent, _, leaf = name.rpartition(".")
+            biased = BiasedRMSNorm(norm.weight.shape[0], eps=rms_eps(norm)).to(norm.weight.dtype)
+            setattr(model.get_submodule(parent) if parent else model, leaf, biased)
+        for name in qc.get("added_biases", []):
+            linear = model.get_submodule(name)
+            out = linear_weight(linear).shape[0]
+            bias = torch.empty(out, device="meta", dtype=linear_weight(linear).dtype)
+            linear.bias = nn.Parameter(bias, requires_grad=False)
+    except (AttributeError, TypeError) as e:
+        raise ExportError(
+            f"'{folder}/{CONFIG_FILE}' names a module this model lacks: {e}"
+        ) from None
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -7,11 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from safetensors.torch import save_file
 from torch import nn
 
 from tersa.export.format import CONFIG_FILE, FORMAT_VERSION, QUANT_METHOD, WEIGHTS_FILE
+from tersa.quant.norms import BiasedRMSNorm
 from tersa.quant.qlinear import QuantLinear
+from tersa.quant.replace import is_linear
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -50,6 +53,24 @@ def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     return layers
 
 
+def structural_extras(model: nn.Module) -> dict[str, list[str]]:
+    """Modules the transformers config cannot describe, beyond quantized linears.
+
+    ``biased_norms``: RMSNorms that gained a bias (OS+ shift); ``added_biases``: float linears that
+    gained a bias the config's architecture does not have.
+    """
+    with init_empty_weights():
+        reference = type(model)(model.config)
+    ref_keys = set(reference.state_dict())
+    norms = [n for n, m in model.named_modules() if isinstance(m, BiasedRMSNorm)]
+    biases = [
+        n
+        for n, m in model.named_modules()
+        if is_linear(m) and m.bias is not None and f"{n}.bias" not in ref_keys
+    ]
+    return {"biased_norms": norms, "added_biases": biases}
+
+
 def save_export(model: nn.Module, folder: Path) -> int:
     """Write ``model.safetensors`` and ``config.json`` into ``folder``; returns the tensor bytes
     (equal to ``tensor_bytes(unique_state_dict(model))``)."""
@@ -61,12 +82,16 @@ def save_export(model: nn.Module, folder: Path) -> int:
     )
     config = model.config.to_dict()
     layers = quantized_layers(model)
+    extras = {k: v for k, v in structural_extras(model).items() if v}
     config.pop("quantization_config", None)
-    if layers:
+    if layers or extras:
+        # quant_method "tersa" also makes plain transformers refuse the folder instead of
+        # silently dropping tensors it has no place for.
         config["quantization_config"] = {
             "quant_method": QUANT_METHOD,
             "version": FORMAT_VERSION,
             "layers": layers,
+            **extras,
         }
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation = getattr(model, "generation_config", None)
