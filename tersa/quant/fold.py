@@ -133,3 +133,23 @@ def add_linear_bias(linear: nn.Module) -> None:
     linear.bias = nn.Parameter(
         torch.zeros(out, dtype=w.dtype, device=w.device), requires_grad=False
     )
+
+
+def migrate_group(
+    block: nn.Module,
+    norm_name: str,
+    linear_names: tuple[str, ...] | list[str],
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    pre_norm: bool,
+) -> None:
+    """Make the group's linears see ``(X − z)/s`` while the model stays exact.
+
+    Pre-norm blocks (the norm output feeds only these linears) fold into the norm
+    (:func:`fold_norm_group`). In post-norm blocks (BERT, OPT-350m) the norm output also feeds the
+    residual, so the norm stays as it is and the inverse transform sits on the linears' inputs.
+    """
+    if pre_norm:
+        fold_norm_group(block, norm_name, linear_names, scale, shift)
+        return
+    raise NotImplementedError("post-norm migration: input-side transform on the consumers")
