@@ -15,7 +15,7 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from tersa.errors import ExportError
 from tersa.export.format import (
@@ -24,7 +24,7 @@ from tersa.export.format import (
     SUPPORTED_VERSIONS,
     WEIGHTS_FILE,
 )
-from tersa.models.adapters import get_adapter
+from tersa.models.load import auto_class
 from tersa.quant.norms import BiasedRMSNorm, rms_eps
 from tersa.quant.qlinear import QuantLinear
 from tersa.quant.replace import linear_weight, replace_linear
@@ -56,7 +56,7 @@ def load_export(folder: str | Path) -> nn.Module:
     layers = _layer_table(raw.get("quantization_config"), folder)
     config = _build_config(raw, folder)
     dtype = _config_dtype(config)
-    auto = AutoModelForCausalLM if get_adapter(config).causal else AutoModelForMaskedLM
+    auto = auto_class(config.model_type, getattr(config, "architectures", None))
     with init_empty_weights(include_buffers=False):
         model = auto.from_config(config, dtype=dtype)
     for name, spec in layers.items():

