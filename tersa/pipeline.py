@@ -140,13 +140,21 @@ class _Run:
 
     def apply_stages(self) -> list[dict[str, Any]]:
         """Run the stages in order; returns ``[{"name", "wall_s"}]``."""
-        timings = []
-        for index, (name, cfg) in enumerate(self.recipe.stages):
-            t0 = time.perf_counter()
-            self.ctx.stage_name, self.ctx.stage_index = name, index
-            self.model = get_stage(name).fn(self.model, cfg, self.ctx)
-            timings.append({"name": name, "wall_s": round(time.perf_counter() - t0, 3)})
+        self.model, timings = apply_stage_list(self.model, self.recipe.stages, self.ctx)
         return timings
+
+
+def apply_stage_list(
+    model: nn.Module, stage_list: list[tuple[str, Any]], ctx: StageContext
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Apply ``[(name, config)]`` in order with ``ctx``; returns the model and the timings."""
+    timings = []
+    for index, (name, cfg) in enumerate(stage_list):
+        t0 = time.perf_counter()
+        ctx.stage_name, ctx.stage_index = name, index
+        model = get_stage(name).fn(model, cfg, ctx)
+        timings.append({"name": name, "wall_s": round(time.perf_counter() - t0, 3)})
+    return model, timings
 
 
 def _prepare_data(
