@@ -21,7 +21,12 @@ StageKind = Literal["transform", "quantize"]
 StageFn = Callable[["nn.Module", Any, "StageContext"], "nn.Module"]
 
 # Modules that define built-in stages; importing one registers its stages.
-_BUILTIN_MODULES = ("tersa.quant.stage",)
+_BUILTIN_MODULES = (
+    "tersa.quant.stage",
+    "tersa.quant.smoothquant",
+    "tersa.quant.os",
+    "tersa.quant.osplus",
+)
 
 _REGISTRY: dict[str, Stage] = {}
 

@@ -77,7 +77,10 @@ def test_cross_field_check() -> None:
 
 def test_unknown_stage_lists_registered_stages() -> None:
     msg = _err({"model": "m", "stages": [{"quantise": {}}]})
-    assert msg == "r.yaml: stages[0]: unknown stage 'quantise'; allowed: quantize"
+    assert (
+        msg
+        == "r.yaml: stages[0]: unknown stage 'quantise'; allowed: os_plus, outlier_suppression, quantize, smoothquant"
+    )
 
 
 def test_unknown_top_level_key() -> None:

@@ -28,6 +28,7 @@ from tersa.models.load import auto_class
 from tersa.quant.norms import BiasedRMSNorm, rms_eps
 from tersa.quant.qlinear import QuantLinear
 from tersa.quant.replace import linear_weight, replace_linear
+from tersa.quant.smoothed import SmoothedLinear
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -124,8 +125,22 @@ def _swap_in(model: nn.Module, name: str, spec: dict[str, Any], dtype: torch.dty
 
 
 def _add_structure(model: nn.Module, qc: dict[str, Any], folder: Path) -> None:
-    """Biases on norms and linears that the transformers config has no flag for."""
+    """Biases on norms and linears, and smoothed linears, that the transformers config has no flag
+    for."""
     try:
+        shifts = set(qc.get("smoothed_shifts", []))
+        for name in qc.get("smoothed", []):
+            linear = model.get_submodule(name)
+            out_f, in_f = linear_weight(linear).shape
+            smoothed = SmoothedLinear(
+                in_f,
+                out_f,
+                bias=linear.bias is not None,
+                shift=name in shifts,
+                device="meta",
+                dtype=linear_weight(linear).dtype,
+            )
+            replace_linear(model, name, smoothed)
         for name in qc.get("biased_norms", []):
             norm = model.get_submodule(name)
             parent, _, leaf = name.rpartition(".")

@@ -15,6 +15,7 @@ from tersa.export.format import CONFIG_FILE, FORMAT_VERSION, QUANT_METHOD, WEIGH
 from tersa.quant.norms import BiasedRMSNorm
 from tersa.quant.qlinear import QuantLinear
 from tersa.quant.replace import is_linear
+from tersa.quant.smoothed import SmoothedLinear
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -57,7 +58,9 @@ def structural_extras(model: nn.Module) -> dict[str, list[str]]:
     """Modules the transformers config cannot describe, beyond quantized linears.
 
     ``biased_norms``: RMSNorms that gained a bias (OS+ shift); ``added_biases``: float linears that
-    gained a bias the config's architecture does not have.
+    gained a bias the config's architecture does not have; ``smoothed``: float
+    :class:`~tersa.quant.smoothed.SmoothedLinear` layers (post-norm outlier transforms), and
+    ``smoothed_shifts`` the subset of them with a ``smooth_shift``.
     """
     with init_empty_weights():
         reference = type(model)(model.config)
@@ -68,7 +71,14 @@ def structural_extras(model: nn.Module) -> dict[str, list[str]]:
         for n, m in model.named_modules()
         if is_linear(m) and m.bias is not None and f"{n}.bias" not in ref_keys
     ]
-    return {"biased_norms": norms, "added_biases": biases}
+    smoothed = {n: m for n, m in model.named_modules() if isinstance(m, SmoothedLinear)}
+    shifts = [n for n, m in smoothed.items() if m.smooth_shift is not None]
+    return {
+        "biased_norms": norms,
+        "added_biases": biases,
+        "smoothed": list(smoothed),
+        "smoothed_shifts": shifts,
+    }
 
 
 def save_export(model: nn.Module, folder: Path) -> int:

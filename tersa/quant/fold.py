@@ -21,7 +21,8 @@ from torch import nn
 
 from tersa.errors import ModelError
 from tersa.quant.norms import BiasedRMSNorm, has_bias, is_rms_norm
-from tersa.quant.replace import linear_weight
+from tersa.quant.replace import is_linear, linear_weight, replace_linear
+from tersa.quant.smoothed import SmoothedLinear
 
 
 def linear_in_features(linear: nn.Module) -> int:
@@ -147,9 +148,45 @@ def migrate_group(
 
     Pre-norm blocks (the norm output feeds only these linears) fold into the norm
     (:func:`fold_norm_group`). In post-norm blocks (BERT, OPT-350m) the norm output also feeds the
-    residual, so the norm stays as it is and the inverse transform sits on the linears' inputs.
+    residual, so the norm stays as it is and the transform sits on the linears' inputs
+    (:func:`smooth_group_inputs`).
+
+    :param scale: ``[C]`` positive per-channel scale, or None.
+    :param shift: ``[C]`` per-channel shift, or None.
     """
+    for name in linear_names:
+        linear = block.get_submodule(name)
+        if not is_linear(linear):
+            raise ModelError(
+                f"{norm_name}: '{name}' is a {type(linear).__name__}, not a float linear; "
+                "outlier transforms must run before 'quantize'"
+            )
     if pre_norm:
         fold_norm_group(block, norm_name, linear_names, scale, shift)
-        return
-    raise NotImplementedError("post-norm migration: input-side transform on the consumers")
+    else:
+        smooth_group_inputs(block, norm_name, linear_names, scale, shift)
+
+
+def smooth_group_inputs(
+    block: nn.Module,
+    norm_name: str,
+    linear_names: tuple[str, ...] | list[str],
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None = None,
+) -> None:
+    """Post-norm migration: every linear of the group becomes a :class:`SmoothedLinear` computing
+    ``(W·diag(s))·((X − z)/s) + (b + W·z)``; the norm and the residual keep ``X``.
+
+    ``s`` and ``z`` are relative to what the linears already see: on a layer that smooths already
+    (a second transform) they compose, ``((X − z₁)/s₁ − z)/s``. Statistics for ``s`` and ``z``
+    therefore come from :func:`tersa.quant.smoothed.effective_input`, not the raw ``X``.
+    """
+    norm = block.get_submodule(norm_name)
+    linears = {name: block.get_submodule(name) for name in linear_names}
+    check_group(norm, linears, norm_name)
+    for name, linear in linears.items():
+        if not isinstance(linear, SmoothedLinear):
+            linear = SmoothedLinear.from_linear(linear, shift=shift is not None)
+            replace_linear(block, name, linear)
+        fold_into_linear_inputs(linear, scale, shift)
+        linear.compose(scale, shift)

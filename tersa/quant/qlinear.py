@@ -3,7 +3,10 @@
 Its state dict is the exported format, with compressed-tensors names: ``weight_packed`` (int32,
 see :func:`~tersa.quant.primitives.pack_int32`), ``weight_scale``, ``weight_zero_point``
 (asymmetric only), ``bias``, and for static activations ``input_scale`` / ``input_zero_point``.
-Without a weight scheme the float ``weight`` is kept (activation-only quantization).
+Without a weight scheme the float ``weight`` is kept (activation-only quantization). A layer made
+from a :class:`~tersa.quant.smoothed.SmoothedLinear` (post-norm outlier transforms) also keeps its
+input transform, ``smooth_scale`` and optionally ``smooth_shift`` ``[in]``: the input becomes
+``(x − z)/s`` before it is quantized.
 
 ``forward`` is the CPU reference: it dequantizes the weight and fake-quantizes the input, then calls
 ``F.linear``. Kernels later plug in there.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +44,10 @@ from tersa.quant.scheme import (
     describe_activation,
     describe_weight,
 )
+from tersa.quant.smoothed import input_transform, smooth_input
+
+SmoothKind = Literal["scale", "scale_shift"]
+SMOOTH_KINDS: tuple[SmoothKind, SmoothKind] = ("scale", "scale_shift")  # indexed by "has a shift"
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -58,6 +65,8 @@ class QuantLinear(nn.Module):
         (``input_scale`` from :meth:`start_calibration` / :meth:`finish_calibration` or a state
         dict); ``"token"`` is dynamic per token and needs no calibration.
     :param dtype: dtype of the float tensors (scales, bias, float weight).
+    :param smooth: the input transform applied before quantization: None, ``"scale"``
+        (``x/s``) or ``"scale_shift"`` (``(x − z)/s``), see :mod:`tersa.quant.smoothed`.
 
     Buffers are created uninitialised; fill them with :meth:`from_float` or ``load_state_dict``.
     Weight and bias do not require grad: this is an inference module.
@@ -72,8 +81,11 @@ class QuantLinear(nn.Module):
         activations: ActivationScheme | None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        smooth: SmoothKind | None = None,
     ) -> None:
         super().__init__()
+        if smooth not in (None, *SMOOTH_KINDS):
+            raise ValueError(f"smooth must be None, 'scale' or 'scale_shift', got {smooth!r}")
         self.in_features, self.out_features = in_features, out_features
         self.weights, self.activations = weights, activations
         self.group_size = weights.group_size if weights and weights.granularity == "group" else None
@@ -91,6 +103,11 @@ class QuantLinear(nn.Module):
                 self.register_buffer("weight_zero_point", zp)
         b = nn.Parameter(torch.empty(out_features, **fp), False) if bias else None
         self.register_parameter("bias", b)
+        self.smooth = smooth
+        scale = torch.ones(in_features, **fp) if smooth else None
+        self.register_buffer("smooth_scale", scale)
+        shift = torch.zeros(in_features, **fp) if smooth == "scale_shift" else None
+        self.register_buffer("smooth_shift", shift)
         if self.is_static:
             self.register_buffer("input_scale", torch.empty(1, **fp))
             if not self.activations.symmetric:
@@ -119,12 +136,22 @@ class QuantLinear(nn.Module):
         """RTN-quantize an ``nn.Linear`` or transformers ``Conv1D``, keeping its dtype and device.
 
         With ``weights=None`` the new module shares the source's weight storage (``nn.Linear``).
-        Static activations still need calibration before the module can run quantized.
+        Static activations still need calibration (or :meth:`set_input_range`) before the module
+        can run quantized. A :class:`~tersa.quant.smoothed.SmoothedLinear`'s input transform is
+        kept (copied).
         """
         w = linear_weight(linear).detach()  # [out, in]
         out_f, in_f = w.shape
         has_bias = getattr(linear, "bias", None) is not None
-        ql = cls(in_f, out_f, has_bias, weights, activations, dtype=w.dtype, device=w.device)
+        smooth_scale, smooth_shift = input_transform(linear)
+        kind = None if smooth_scale is None else SMOOTH_KINDS[smooth_shift is not None]
+        ql = cls(
+            in_f, out_f, has_bias, weights, activations, dtype=w.dtype, device=w.device, smooth=kind
+        )
+        if smooth_scale is not None:
+            ql.smooth_scale = smooth_scale.detach().clone()
+            if smooth_shift is not None:
+                ql.smooth_shift = smooth_shift.detach().clone()
         if weights is None:
             ql.weight = nn.Parameter(w.contiguous(), requires_grad=False)
         else:
@@ -138,11 +165,15 @@ class QuantLinear(nn.Module):
         return ql
 
     def scheme_dict(self) -> dict[str, Any]:
-        """JSON-able ``{"weights": {...} | None, "activations": {...} | None}`` for the export."""
-        return {
+        """JSON-able ``{"weights": {...} | None, "activations": {...} | None}`` for the export,
+        plus ``"smooth": "scale" | "scale_shift"`` when the layer has an input transform."""
+        d: dict[str, Any] = {
             "weights": dataclasses.asdict(self.weights) if self.weights else None,
             "activations": dataclasses.asdict(self.activations) if self.activations else None,
         }
+        if self.smooth is not None:
+            d["smooth"] = self.smooth
+        return d
 
     @classmethod
     def from_scheme_dict(
@@ -158,7 +189,8 @@ class QuantLinear(nn.Module):
         w, a = d.get("weights"), d.get("activations")
         weights = WeightScheme(**w) if w is not None else None
         activations = ActivationScheme(**a) if a is not None else None
-        return cls(in_features, out_features, bias, weights, activations, dtype, device)
+        smooth = d.get("smooth")
+        return cls(in_features, out_features, bias, weights, activations, dtype, device, smooth)
 
     # ------------------------------------------------------------------------------------ weight
 
@@ -215,6 +247,29 @@ class QuantLinear(nn.Module):
                 self.input_zero_point.copy_(zp.reshape(1))
         self._calibrating, self._obs, self._has_input_qparams = False, None, True
 
+    def set_input_range(self, x_min: float | torch.Tensor, x_max: float | torch.Tensor) -> None:
+        """Set static ``input_scale`` (and zero point) from a given range of the quantizer's input
+        (after the smoothing transform), instead of calibrating: e.g. a clipped range chosen by
+        token-wise clipping."""
+        if not self.is_static:
+            raise RuntimeError(
+                f"set_input_range: activations '{self._act_tag()}' are not static "
+                "(granularity 'tensor'); per-token scales have no fixed range"
+            )
+        assert self.activations is not None
+        scale, zp = compute_qparams(
+            torch.as_tensor(x_min, dtype=torch.float32),
+            torch.as_tensor(x_max, dtype=torch.float32),
+            self.activations.bits,
+            self.activations.symmetric,
+            self.input_scale.dtype,
+        )
+        with torch.no_grad():
+            self.input_scale.copy_(scale.reshape(1))
+            if not self.activations.symmetric:
+                self.input_zero_point.copy_(zp.reshape(1))
+        self._calibrating, self._obs, self._has_input_qparams = False, None, True
+
     def _observe(self, x: torch.Tensor) -> None:
         if x.numel() == 0:
             return
@@ -247,6 +302,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [..., in] -> [..., out]`` in ``x``'s dtype (CPU reference path)."""
+        x = smooth_input(x, self.smooth_scale, self.smooth_shift)
         if self._calibrating:
             self._observe(x)
         else:
@@ -270,6 +326,7 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, weights={w_tag}, activations={self._act_tag()}"
+            + (f", smooth={self.smooth}" if self.smooth else "")
         )
 
     def __getstate__(self) -> dict[str, Any]:

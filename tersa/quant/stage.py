@@ -17,6 +17,8 @@ from tersa.quant.replace import find_linears, name_matches, replace_linear
 from tersa.quant.scheme import ActivationScheme, WeightScheme
 from tersa.registry import register_stage
 
+ACTIVATION_RANGES = "activation_ranges"  # ctx.info key: {module name: (min, max)} of linear inputs
+
 
 @dataclass(config=STRICT)
 class QuantizeConfig:
@@ -46,22 +48,34 @@ class QuantizeConfig:
 
 @register_stage("quantize", QuantizeConfig)
 def quantize(model: nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> nn.Module:
-    """Quantize the linears of every decoder block (RTN weights, static or dynamic activations)."""
+    """Quantize the linears of every decoder block (RTN weights, static or dynamic activations).
+
+    Static activation scales come from ``ctx.info["activation_ranges"][name] = (min, max)`` when an
+    earlier stage chose that layer's input range, else from the min-max of the calibration inputs.
+    """
     prefix = resolve(model, ctx.adapter, ctx.adapter.blocks)
 
+    # Static input ranges chosen by an earlier stage (outlier_suppression's token-wise clipping),
+    # by full module name; those layers skip the min-max observation.
+    ranges: dict[str, tuple[float, float]] = ctx.info.get(ACTIVATION_RANGES, {})
+
     def process(i: int, block: nn.Module, cache: BlockCache | None) -> None:
-        quantized = []
+        observed = []
         for name, linear in find_linears(block, ignore=[]).items():
-            if name_matches(f"{prefix}.{i}.{name}", cfg.ignore):
+            full = f"{prefix}.{i}.{name}"
+            if name_matches(full, cfg.ignore):
                 continue
             qlinear = QuantLinear.from_float(linear, cfg.weights, cfg.activations)
             replace_linear(block, name, qlinear)
-            quantized.append(qlinear)
-        if cache is not None:
-            for q in quantized:
+            if qlinear.is_static and full in ranges:
+                qlinear.set_input_range(*ranges[full])
+            else:
+                observed.append(qlinear)
+        if cache is not None and observed:
+            for q in observed:
                 q.start_calibration()
             cache.run(block)
-            for q in quantized:
+            for q in observed:
                 q.finish_calibration()
 
     if cfg.needs_calibration:

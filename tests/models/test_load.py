@@ -310,4 +310,6 @@ def test_headless_encoder_loads_as_the_bare_model(tmp_path: Path) -> None:
     assert type(loaded).__name__ == "BertModel"
     ids = torch.randint(0, 300, (1, 6))
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+        assert torch.equal(
+            loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state
+        )

@@ -1,0 +1,498 @@
+"""The ``os_plus`` stage (Outlier Suppression+, EMNLP 2023): migrate outlier channels into weights.
+
+Block by block (one block's calibration activations at a time):
+
+1. Hooks record, during the pass that propagates the calibration cache through the block, the
+   per-channel range of every group input (the norm output feeding q/k/v, gate/up or fc1) and every
+   pair consumer input (o_proj, down_proj) over all tokens, plus their first ``search_tokens`` rows
+   (whole sequences). That pass costs as much as the whole search, so there is no second one: the
+   block is searched and folded right after it, and the folds are exact in full precision, so the
+   outputs already propagated stay valid.
+2. Each norm → linears group gets a shift ``z`` (optional) and a scale ``s`` from one threshold
+   ``t``, searched (:mod:`tersa.quant.osplus_math`) on the error of the group's quantized output
+   against full precision, with the schemes of the quantize stage that follows:
+
+   - the attention group is scored on the attention output ``softmax(QKᵀ)V``, the o_proj input.
+     The block itself runs on the sampled sequences (with the keyword arguments the model passed
+     it: RoPE tables, masks) while q/k/v are temporarily replaced by modules computing
+     ``Q(W·diag(s))·Q((X − z)/s) + b + W·z``, and a pre-hook on o_proj reads its input and stops
+     the block. This is family-agnostic: RoPE, GQA, Qwen3's q/k norms and GPT-2's fused ``c_attn``
+     all run through the model's own attention code;
+   - other groups (the MLP) are scored on their linears' outputs (gate+up, fc1).
+
+   The best ``(s, z)`` folds exactly into the norm and the linears (:func:`migrate_group`).
+3. Scale pairs (v → o, up → down) get a scale only, scored on the consumer's output. The group
+   folds of step 2 leave the consumers' inputs as step 1 observed them (exact in full precision).
+
+A search never makes its sampled loss worse than leaving the group alone: when no candidate beats
+the identity, nothing is folded. Per-block results go to ``ctx.info["os_plus"]``: block, name,
+``t`` (None when nothing was folded), channels scaled, shift, loss before and after, candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass as plain_dataclass
+from dataclasses import field
+from typing import Annotated, Any
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import send_to_device
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+from torch import nn
+from transformers import PretrainedConfig
+
+from tersa.calib import BlockCache
+from tersa.calib.stats import ChannelStats, observe_inputs
+from tersa.config import STRICT, Bool, Int
+from tersa.context import StageContext
+from tersa.errors import ModelError, RecipeError
+from tersa.models.adapters import resolve
+from tersa.models.layout import Adapter, NormGroup, ScalePair
+from tersa.offload import onloaded
+from tersa.quant.fold import expand_for_heads, fold_scale_pair, migrate_group
+from tersa.quant.norms import has_bias
+from tersa.quant.osplus_math import (
+    SearchResult,
+    channel_reach,
+    channel_shift,
+    migrated_input,
+    migrated_range,
+    migrated_weight,
+    output_loss,
+    reduce_repeated_heads,
+    search_threshold,
+    threshold_grid,
+    threshold_scale,
+)
+from tersa.quant.replace import linear_weight, name_matches, replace_linear
+from tersa.quant.scheme import ActivationScheme, WeightScheme
+from tersa.quant.smoothed import input_transform, smooth_input
+from tersa.registry import register_stage
+
+INFO_KEY = "os_plus"
+
+
+@dataclass(config=STRICT)
+class OsPlusConfig:
+    """OS+: per-channel shift and scale of linear inputs, searched for the quantization after it."""
+
+    shift: Annotated[
+        Bool | None,
+        Field(
+            description="shift channels to symmetric ranges (null: only where the norm already "
+            "has a bias, e.g. OPT LayerNorm; true adds biases to Llama-family models)"
+        ),
+    ] = None
+    pairs: Annotated[Bool, Field(description="also scale the v→o and up→down pairs")] = True
+    # The paper scans max(100, max/0.5) linearly spaced thresholds. A log-spaced grid bounded by
+    # the channel ranges (osplus_math.threshold_grid) spans the same range with far fewer points,
+    # and a refinement pass around the coarse optimum recovers the resolution. On SmolLM2-135M
+    # 20 + 4 candidates land within ~1% of the loss of 40 + 8 at half the time, which keeps the
+    # stage (30 blocks, 2 CPU cores) near the 5-minute budget.
+    grid: Annotated[Int, Field(ge=1, description="candidate thresholds per group, log-spaced")] = 20
+    refine: Annotated[
+        Int, Field(ge=0, description="extra thresholds between the best candidate's neighbours")
+    ] = 4
+    search_tokens: Annotated[
+        Int,
+        Field(ge=1, description="calibration tokens scored per candidate (whole sequences)"),
+    ] = 2048
+    weights: Annotated[
+        WeightScheme | None,
+        Field(description="weight scheme searched for (null: the following quantize stage's)"),
+    ] = None
+    activations: Annotated[
+        ActivationScheme | None,
+        Field(description="activation scheme searched for (null: the following quantize stage's)"),
+    ] = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """The search scores candidates on calibration activations."""
+        return True
+
+
+@plain_dataclass(frozen=True)
+class _Target:
+    """The quantization the search optimizes for, and the layers it leaves alone."""
+
+    weights: WeightScheme | None
+    activations: ActivationScheme | None
+    ignore: tuple[str, ...] = ()
+
+    def schemes(self, full_name: str) -> tuple[WeightScheme | None, ActivationScheme | None]:
+        if name_matches(full_name, self.ignore):
+            return None, None
+        return self.weights, self.activations
+
+
+def _target(cfg: OsPlusConfig, ctx: StageContext) -> _Target:
+    after = ctx.next_config("quantize")
+    if after is None and cfg.weights is None and cfg.activations is None:
+        raise RecipeError(
+            "os_plus searches its scales for the quantization that follows; add a quantize stage "
+            "after it or set weights/activations in os_plus"
+        )
+    weights = cfg.weights if cfg.weights is not None else getattr(after, "weights", None)
+    acts = cfg.activations if cfg.activations is not None else getattr(after, "activations", None)
+    return _Target(weights, acts, tuple(getattr(after, "ignore", ())))
+
+
+@register_stage("os_plus", OsPlusConfig, kind="transform")
+def os_plus(model: nn.Module, cfg: OsPlusConfig, ctx: StageContext) -> nn.Module:
+    """OS+: shift and scale outlier channels into the weights, searched for the next quantize."""
+    target = _target(cfg, ctx)
+    prefix = resolve(model, ctx.adapter, ctx.adapter.blocks)
+    n_blocks = len(ctx.blocks(model))
+    records: list[dict[str, Any]] = ctx.info.setdefault(INFO_KEY, [])
+    pending: list[_BlockSearch] = []  # the block observed during the last propagation pass
+
+    def finish(search: _BlockSearch) -> None:
+        with onloaded(search.block, ctx.device):
+            records.extend({"block": search.index, **record} for record in search.run())
+
+    def process(i: int, block: nn.Module, cache: BlockCache) -> None:
+        # A pass over all calibration tokens costs as much as the whole search, so block i is
+        # observed during the pass that propagates the cache through it, right after this call,
+        # and searched and folded at the next call. The folds are exact in float: the outputs
+        # already propagated stay valid.
+        if pending:
+            finish(pending.pop())
+        search = _BlockSearch(block, i, cfg, target, ctx.adapter, model.config, f"{prefix}.{i}")
+        pending.append(search)
+        search.watch(cache)
+        if i + 1 == n_blocks:  # the last block's outputs are not propagated: a pass of its own
+            cache.run(block)
+            finish(pending.pop())
+
+    try:
+        with torch.no_grad():
+            ctx.blockwise(model, process)
+    finally:
+        for search in pending:
+            search.unwatch()
+    return model
+
+
+class _Stop(Exception):
+    """Raised by the o_proj pre-hook: the attention output is known, the rest of the block is not
+    needed."""
+
+
+@plain_dataclass
+class _BlockSearch:
+    """One block: :meth:`watch` its activations during one pass, then :meth:`run` the searches
+    and fold each group and pair."""
+
+    block: nn.Module
+    index: int
+    cfg: OsPlusConfig
+    target: _Target
+    adapter: Adapter
+    config: PretrainedConfig
+    path: str  # the block's dotted name in the model, for ignore patterns and messages
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    sequences: list[tuple[torch.Tensor, dict[str, Any]]] = field(default_factory=list)
+    _hooks: ExitStack = field(default_factory=ExitStack)
+    _stats: dict[str, ChannelStats] = field(default_factory=dict)
+
+    @property
+    def _watched(self) -> list[str]:
+        """Group inputs (each group's first linear) and pair consumers."""
+        groups = [g.linears[0] for g in self.adapter.norm_groups_for(self.config)]
+        pairs = [p.consumer for p in self.adapter.scale_pairs] if self.cfg.pairs else []
+        return list(dict.fromkeys(groups + pairs))
+
+    def watch(self, cache: BlockCache) -> None:
+        """Keep the block's first whole sequences (for the attention search) and hook its inputs:
+        the next pass of ``cache`` through the block records ranges and samples."""
+        seq_len = cache.hidden[0].shape[1]
+        n_seq = math.ceil(self.cfg.search_tokens / seq_len)  # attention mixes a sequence's tokens
+        self.device, self.sequences = cache.device, _first_sequences(cache, n_seq)
+        modules = {f"{self.path}.{n}": self.block.get_submodule(n) for n in self._watched}
+        self._stats = self._hooks.enter_context(observe_inputs(modules, n_seq * seq_len))
+
+    def unwatch(self) -> None:
+        self._hooks.close()
+
+    def run(self) -> list[dict[str, Any]]:
+        """Search and fold every group, then every pair; one record each."""
+        self.unwatch()
+        x = {
+            n: _Inputs.of(self._stats[f"{self.path}.{n}"], self.block.get_submodule(n), self.device)
+            for n in self._watched
+        }
+        groups = self.adapter.norm_groups_for(self.config)
+        pairs = self.adapter.scale_pairs if self.cfg.pairs else ()
+        records = [self._group(g, x[g.linears[0]]) for g in groups]
+        records += [self._pair(p, x[p.consumer]) for p in pairs]
+        return [r for r in records if r is not None]
+
+    # ---------------------------------------------------------------------------------- groups
+
+    def _group(self, group: NormGroup, x: _Inputs) -> dict[str, Any] | None:
+        linears = {n: self.block.get_submodule(n) for n in group.linears}
+        schemes = {n: self.target.schemes(f"{self.path}.{n}") for n in group.linears}
+        if all(s == (None, None) for s in schemes.values()):
+            return None  # the quantize stage leaves the whole group in float
+        norm = self.block.get_submodule(group.norm)
+        use_shift = self.cfg.shift if self.cfg.shift is not None else has_bias(norm)
+        z = channel_shift(x.min, x.max) if use_shift else None
+        lo, hi = (x.min, x.max) if z is None else (x.min - z, x.max - z)
+        a = self.adapter.attention
+        if group.kind == "attention" and set(group.linears) <= {a.q, a.k, a.v}:
+            sequences = [
+                (h.to(self.device), send_to_device(kw, self.device)) for h, kw in self.sequences
+            ]
+            score = _AttentionScore(self.block, linears, schemes, a.o, sequences, x)
+        else:
+            score = _LinearScore(linears, schemes, x)
+        best = self._search(lo, hi, lambda t: score(threshold_scale(lo, hi, t), z))
+        if best is None:
+            return None
+        # t = max(reach) scales nothing: without a shift the grid's first loss is the identity's
+        before = score(torch.ones_like(x.min), None) if z is not None else best.history[0][1]
+        if best.loss >= before:  # a shift can cost more than it saves: then leave the group be
+            return _record(group.norm, None, None, None, before, before, len(best.history))
+        s = threshold_scale(lo, hi, best.t)
+        pre_norm = self.adapter.is_pre_norm(self.config)
+        migrate_group(self.block, group.norm, group.linears, s, z, pre_norm=pre_norm)
+        return _record(group.norm, best.t, s, z, before, best.loss, len(best.history))
+
+    def _search(
+        self, lo: torch.Tensor, hi: torch.Tensor, loss_at: Callable[[float], float]
+    ) -> SearchResult | None:
+        """The best threshold for the (shifted) channel range ``[lo, hi]``; None when the input
+        is all zeros."""
+        grid = threshold_grid(channel_reach(lo, hi), self.cfg.grid)
+        if grid.numel() == 0:
+            return None
+        return search_threshold(loss_at, grid, self.cfg.refine)
+
+    # ----------------------------------------------------------------------------------- pairs
+
+    def _pair(self, pair: ScalePair, x: _Inputs) -> dict[str, Any] | None:
+        consumer = self.block.get_submodule(pair.consumer)
+        producer = self.block.get_submodule(pair.producer)
+        schemes = self.target.schemes(f"{self.path}.{pair.consumer}")
+        if schemes == (None, None):
+            return None
+        a = self.adapter.attention
+        head_dim = a.head_dim(self.config)
+        n_rep = (
+            a.num_heads(self.config) // a.num_kv_heads(self.config) if pair.producer == a.v else 1
+        )
+        lo, hi = reduce_repeated_heads(x.min, x.max, head_dim, n_rep)  # [producer out]
+        if linear_weight(producer).shape[0] != lo.numel():
+            raise ModelError(
+                f"{self.path}: '{pair.producer}' has {linear_weight(producer).shape[0]} outputs "
+                f"but '{pair.consumer}' reads {lo.numel()} channels; the architecture adapter "
+                "does not match this model"
+            )
+        score = _LinearScore({pair.consumer: consumer}, {pair.consumer: schemes}, x)
+
+        def loss_at(t: float) -> float:
+            return score(expand_for_heads(threshold_scale(lo, hi, t), head_dim, n_rep), None)
+
+        best = self._search(lo, hi, loss_at)
+        if best is None:
+            return None
+        name = f"{pair.producer}->{pair.consumer}"
+        before = best.history[0][1]  # t = max(reach): s = 1, the identity
+        if best.loss >= before:
+            return _record(name, None, None, None, before, before, len(best.history))
+        s = threshold_scale(lo, hi, best.t)
+        fold_scale_pair(producer, consumer, s, head_dim=head_dim, n_rep=n_rep)
+        return _record(name, best.t, s, None, before, best.loss, len(best.history))
+
+
+def _record(
+    name: str,
+    t: float | None,
+    s: torch.Tensor | None,
+    z: torch.Tensor | None,
+    before: float,
+    after: float,
+    candidates: int,
+) -> dict[str, Any]:
+    """One row of ``ctx.info["os_plus"]``; ``t`` is None when nothing was folded."""
+    return {
+        "name": name,
+        "t": None if t is None else round(t, 6),
+        "scaled": 0 if s is None else int((s > 1).sum()),
+        "shift": z is not None,
+        "loss_before": before,
+        "loss_after": after,
+        "candidates": candidates,
+    }
+
+
+@plain_dataclass
+class _Inputs:
+    """A linear's input as its weight sees it: channel range ``[C]`` over all calibration tokens
+    and the sampled rows ``[N, C]`` (float32)."""
+
+    min: torch.Tensor
+    max: torch.Tensor
+    sample: torch.Tensor
+
+    @classmethod
+    def of(cls, stats: ChannelStats, module: nn.Module, device: torch.device) -> _Inputs:
+        # A post-norm layer that already smooths its input (SmoothedLinear) multiplies
+        # (x − z₁)/s₁, not x; s₁ > 0 keeps min and max in place.
+        assert stats.min is not None and stats.max is not None
+        scale, shift = input_transform(module)
+        lo, hi = (smooth_input(t.float().to(device), scale, shift) for t in (stats.min, stats.max))
+        return cls(lo, hi, smooth_input(stats.sample().to(device), scale, shift))
+
+
+Schemes = tuple[WeightScheme | None, ActivationScheme | None]
+
+
+class _LinearScore:
+    """Loss of ``(s, z)`` on the outputs of linears that read the sampled input directly."""
+
+    def __init__(
+        self, linears: dict[str, nn.Module], schemes: dict[str, Schemes], x: _Inputs
+    ) -> None:
+        self.x = x
+        self.layers = [(linear_weight(m).float(), _bias(m), schemes[n]) for n, m in linears.items()]
+        self.refs = [F.linear(x.sample, w, b) for w, b, _ in self.layers]  # [N, out] each
+
+    def __call__(self, s: torch.Tensor, z: torch.Tensor | None) -> float:
+        x_range = migrated_range(self.x.min, self.x.max, s, z)
+        loss, xq = 0.0, {}
+        for (w, b, (w_scheme, a_scheme)), ref in zip(self.layers, self.refs, strict=True):
+            key = repr(a_scheme)
+            if key not in xq:  # one quantized input per activation scheme
+                xq[key] = migrated_input(self.x.sample, s, z, a_scheme, x_range)
+            wq, bz = migrated_weight(w, b, s, z, w_scheme)
+            loss += output_loss(ref, F.linear(xq[key], wq, bz))
+        return loss
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach().float()
+
+
+class _MigratedLinear(nn.Module):
+    """Stands in for a group linear during the attention search: ``Q(W·diag(s))·Q((X − z)/s) + b
+    + W·z`` on the input the block gives it, in float32, returned in the input's dtype."""
+
+    def __init__(
+        self,
+        linear: nn.Module,
+        s: torch.Tensor,
+        z: torch.Tensor | None,
+        schemes: Schemes,
+        x_range: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        super().__init__()
+        self.transform = input_transform(linear)
+        self.s, self.z, self.act, self.x_range = s, z, schemes[1], x_range
+        self.w, self.b = migrated_weight(linear_weight(linear), _bias(linear), s, z, schemes[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = migrated_input(
+            smooth_input(x, *self.transform), self.s, self.z, self.act, self.x_range
+        )
+        return F.linear(xq, self.w, self.b).to(x.dtype)
+
+
+class _AttentionScore:
+    """Loss of ``(s, z)`` on the attention output (o_proj's input) of the sampled sequences, the
+    block running with its q/k/v linears replaced by :class:`_MigratedLinear`."""
+
+    def __init__(
+        self,
+        block: nn.Module,
+        linears: dict[str, nn.Module],
+        schemes: dict[str, Schemes],
+        o_name: str,
+        sequences: list[tuple[torch.Tensor, dict[str, Any]]],
+        x: _Inputs,
+    ) -> None:
+        self.block, self.linears, self.schemes, self.o_name = block, linears, schemes, o_name
+        self.sequences, self.x = sequences, x
+        self.refs = self._outputs()
+
+    def __call__(self, s: torch.Tensor, z: torch.Tensor | None) -> float:
+        x_range = migrated_range(self.x.min, self.x.max, s, z)
+        swaps = {
+            n: _MigratedLinear(m, s, z, self.schemes[n], x_range) for n, m in self.linears.items()
+        }
+        with _swapped(self.block, swaps):
+            outs = self._outputs()
+        total = sum(
+            output_loss(r, o) * r.shape[:-1].numel() for r, o in zip(self.refs, outs, strict=True)
+        )
+        return total / sum(r.shape[:-1].numel() for r in self.refs)
+
+    def _outputs(self) -> list[torch.Tensor]:
+        """o_proj's input ``[b, T, heads·head_dim]`` for each batch of sampled sequences."""
+        captured: list[torch.Tensor] = []
+
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.append(args[0] if args else kwargs["input"])
+            raise _Stop
+
+        handle = self.block.get_submodule(self.o_name).register_forward_pre_hook(
+            hook, with_kwargs=True
+        )
+        try:
+            for h, kw in self.sequences:
+                try:
+                    self.block(h, **kw)
+                except _Stop:
+                    continue
+                raise ModelError(
+                    f"the block never called '{self.o_name}'; the architecture adapter does not "
+                    "match this model"
+                )
+        finally:
+            handle.remove()
+        return captured
+
+
+@contextmanager
+def _swapped(block: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
+    """Put ``modules`` at their dotted paths in ``block`` for the duration, then restore."""
+    old = {name: replace_linear(block, name, new) for name, new in modules.items()}
+    try:
+        yield
+    finally:
+        for name, module in old.items():
+            replace_linear(block, name, module)
+
+
+def _first_sequences(cache: BlockCache, n: int) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """The first ``n`` cached sequences ``[b, T, H]`` with their block kwargs, batch by batch (on
+    the cache's storage device)."""
+    out = []
+    for h, kw in zip(cache.hidden, cache.kwargs, strict=True):
+        if n <= 0:
+            break
+        k = min(n, h.shape[0])
+        out.append((h[:k].clone(), _take_rows(kw, h.shape[0], k)))
+        n -= k
+    return out
+
+
+def _take_rows(obj: Any, batch: int, k: int) -> Any:
+    """``obj`` (kwargs: tensors, nested in tuples/lists/dicts) cut to its first ``k`` of ``batch``
+    rows: tensors whose leading dim is the batch are sliced, the rest (RoPE tables shared by the
+    batch ``[1, T, D]``, flags) kept."""
+    if k == batch:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj[:k] if obj.dim() > 0 and obj.shape[0] == batch else obj
+    if isinstance(obj, dict):
+        return {key: _take_rows(v, batch, k) for key, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return type(obj)(_take_rows(v, batch, k) for v in obj)
+    return obj
