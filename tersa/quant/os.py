@@ -189,11 +189,14 @@ def search_clipping(
 
 
 def _outputs(model: nn.Module, ids: torch.Tensor, ctx: StageContext) -> list[torch.Tensor]:
-    """The model's final outputs (logits) for ``ids`` ``[N, T]``, batch by batch, on the CPU."""
+    """The model's final outputs for ``ids`` ``[N, T]``, batch by batch, on the CPU: logits, or
+    the last hidden state of a headless encoder (sentence-embedding models)."""
     out = []
     for start in range(0, ids.shape[0], ctx.batch_size):
         batch = ids[start : start + ctx.batch_size].to(ctx.device)
-        out.append(model(input_ids=batch, use_cache=False).logits.float().cpu())
+        result = model(input_ids=batch, use_cache=False)
+        final = result.logits if hasattr(result, "logits") else result[0]
+        out.append(final.float().cpu())
     return out
 
 
