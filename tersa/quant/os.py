@@ -7,7 +7,8 @@ token-wise clipping of static activation ranges.
    the norm and the residual keep ``LN(x)`` and the consumers compute ``x′`` on their input.
 2. **Token-wise clipping, coarse stage** (only before a ``quantize`` stage with static per-tensor
    activations): the per-token maxima and minima of every quantized linear's input are gathered
-   block by block; for each ``α`` on a grid from 1.0 down, every layer's range is
+   block by block, the blocks quantized as ``quantize`` will do it (min-max input ranges) as the
+   pass goes; for each ``α`` on a grid from 1.0 down, every layer's range is
    ``[quantile(token minima, 1−α), quantile(token maxima, α)]``, the model runs quantized as the
    next stage will quantize it on ``search_samples`` calibration sequences, and the ``α`` with the
    smallest MSE of the final outputs (logits) against full precision wins. The chosen ranges go to
@@ -82,9 +83,7 @@ def outlier_suppression(model: nn.Module, cfg: OsConfig, ctx: StageContext) -> n
         migrate_gammas(model, ctx)
     quant = ctx.next_config("quantize")
     if cfg.clipping and isinstance(quant, QuantizeConfig) and quant.needs_calibration:
-        targets = quantized_targets(model, ctx, quant)
-        extremes = gather_token_extremes(model, ctx, targets)
-        ranges = search_clipping(model, ctx, cfg, quant, targets, extremes)
+        ranges = clip_activations(model, ctx, cfg, quant)
         ctx.info.setdefault(ACTIVATION_RANGES, {}).update(ranges)
     return model
 
@@ -114,26 +113,55 @@ def quantized_targets(model: nn.Module, ctx: StageContext, quant: QuantizeConfig
     return names
 
 
+def clip_activations(
+    model: nn.Module, ctx: StageContext, cfg: OsConfig, quant: QuantizeConfig
+) -> dict[str, tuple[float, float]]:
+    """Token-wise clipping: ``{full linear name: (lo, hi)}`` of the searched ``α``.
+
+    The linears are temporarily the QuantLinears ``quant`` will build. Token statistics are
+    gathered block by block as ``quantize`` calibrates: each block's inputs come from the blocks
+    before it quantized with min-max ranges, so the ``α = 1`` candidate is exactly what
+    ``quantize`` would do on its own, and clipping is chosen only when it beats that.
+    """
+    assert ctx.calibration_ids is not None
+    ids = ctx.calibration_ids[: cfg.search_samples]
+    with _whole_model(model, ctx.device):
+        reference = _outputs(model, ids, ctx)
+    targets = quantized_targets(model, ctx, quant)
+    with _quantized(model, targets, quant) as layers:
+        extremes = gather_token_extremes(model, ctx, layers)
+        # Swap first, then (when offloading) hook the model: hooks attach to the modules present.
+        with _whole_model(model, ctx.device):
+            return search_clipping(model, ids, ctx, cfg, quant, layers, extremes, reference)
+
+
 def gather_token_extremes(
-    model: nn.Module, ctx: StageContext, targets: list[str]
+    model: nn.Module, ctx: StageContext, layers: dict[str, QuantLinear]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{name: (ascending token maxima [N], ascending token minima [N])}`` of each target's
-    effective input over all calibration tokens, gathered block by block."""
+    """``{name: (ascending token maxima [N], ascending token minima [N])}`` of each layer's
+    effective input over all calibration tokens, gathered block by block while each block's layers
+    calibrate min-max input ranges (the next block then sees quantized inputs)."""
     prefix = resolve(model, ctx.adapter, ctx.adapter.blocks)
-    seen: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {n: ([], []) for n in targets}
+    seen: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {n: ([], []) for n in layers}
 
     def process(i: int, block: nn.Module, cache: BlockCache) -> None:
+        here = {
+            f"{prefix}.{i}.{name}": module
+            for name, module in block.named_modules()
+            if f"{prefix}.{i}.{name}" in layers
+        }
         handles = []
-        for name, module in find_linears(block).items():
-            full = f"{prefix}.{i}.{name}"
-            if full in seen:
-                hook = _extremes_hook(full, seen[full])
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        for full, module in here.items():
+            module.start_calibration()
+            hook = _extremes_hook(full, seen[full])
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         try:
             cache.run(block)
         finally:
             for h in handles:
                 h.remove()
+        for module in here.values():
+            module.finish_calibration()
 
     ctx.blockwise(model, process)
     return {
@@ -160,34 +188,32 @@ def _extremes_hook(name: str, into: tuple[list[torch.Tensor], list[torch.Tensor]
 @torch.no_grad()
 def search_clipping(
     model: nn.Module,
+    ids: torch.Tensor,
     ctx: StageContext,
     cfg: OsConfig,
     quant: QuantizeConfig,
-    targets: list[str],
+    layers: dict[str, QuantLinear],
     extremes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    reference: list[torch.Tensor],
 ) -> dict[str, tuple[float, float]]:
-    """The per-layer ranges at the ``α`` whose quantized model output is closest to float."""
-    assert ctx.calibration_ids is not None and quant.activations is not None
-    ids = ctx.calibration_ids[: cfg.search_samples]
+    """The per-layer ranges at the ``α`` whose quantized model output on ``ids`` is closest to
+    the float ``reference`` (MSE); ``ctx.info["outlier_suppression"]`` records every loss."""
+    assert quant.activations is not None
     grid = alpha_grid(quant.activations.bits, cfg.step, cfg.min_alpha)
     losses: dict[float, float] = {}
-    with _whole_model(model, ctx.device):
-        reference = _outputs(model, ids, ctx)
-    # Swap first, then (when offloading) hook the model: the hooks attach to the modules present.
-    with _quantized(model, targets, quant) as layers, _whole_model(model, ctx.device):
-        task = ctx.reporter.task(f"{ctx.stage_name}: clipping search", len(grid))
-        with task as update:
-            for k, alpha in enumerate(grid):
-                for name, layer in layers.items():
-                    layer.set_input_range(*clip_range(*extremes[name], alpha))
-                outputs = _outputs(model, ids, ctx)
-                losses[alpha] = sum(map(output_mse, reference, outputs)) / len(outputs)
-                update(k + 1, len(grid))
+    with ctx.reporter.task(f"{ctx.stage_name}: clipping search", len(grid)) as update:
+        for k, alpha in enumerate(grid):
+            for name, layer in layers.items():
+                layer.set_input_range(*clip_range(*extremes[name], alpha))
+            outputs = _outputs(model, ids, ctx)
+            losses[alpha] = sum(map(output_mse, reference, outputs)) / len(outputs)
+            update(k + 1, len(grid))
     best = min(grid, key=lambda a: (losses[a], -a))  # ties: the milder clipping
     ctx.info[OS_INFO] = {"alpha": best, "losses": losses}
-    return {name: clip_range(*extremes[name], best) for name in targets}
+    return {name: clip_range(*extremes[name], best) for name in layers}
 
 
+@torch.no_grad()
 def _outputs(model: nn.Module, ids: torch.Tensor, ctx: StageContext) -> list[torch.Tensor]:
     """The model's final outputs for ``ids`` ``[N, T]``, batch by batch, on the CPU: logits, or
     the last hidden state of a headless encoder (sentence-embedding models)."""
