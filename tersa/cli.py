@@ -23,6 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", "-o", help="output folder (default: out/<recipe name>)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="after a crash: reuse the blocks a long stage (qdrop) finished in the work area",
+    )
 
     ev = sub.add_parser("eval", help="perplexity of a model on a text")
     ev.add_argument("model", help="embedded:smollm2-135m, a model folder or a tersa export")

@@ -24,7 +24,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     output = Path(args.output) if args.output else Path("out") / Path(args.recipe).stem
     reporter = Reporter(quiet=args.quiet)
-    result = run_recipe(recipe, output, overwrite=args.overwrite, reporter=reporter)
+    result = run_recipe(
+        recipe, output, overwrite=args.overwrite, reporter=reporter, resume=args.resume
+    )
     stdout.print(summary_table(result.metrics))
     stdout.print(f"wrote {output}")
     return 0

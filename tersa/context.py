@@ -25,7 +25,7 @@ class StageContext:
     """Shared state for the stages of one run.
 
     ``calibration_ids`` is ``[N, T]`` token ids (None when the recipe has no calibration data);
-    ``workdir`` is a scratch folder inside the output being written.
+    ``workdir`` is the run's work area (see :mod:`tersa.workarea`), None when nothing is written.
     """
 
     adapter: Adapter
@@ -37,6 +37,7 @@ class StageContext:
     stage_name: str = ""
     stage_index: int = 0
     workdir: Path | None = None
+    resume: bool = False  # reuse finished pieces found in ``workdir`` (``tersa run --resume``)
     info: dict[str, Any] = field(default_factory=dict)
 
     def next_config(self, stage: str) -> Any | None:

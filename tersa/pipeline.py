@@ -29,7 +29,8 @@ from tersa.offload import offloaded
 from tersa.progress import Reporter
 from tersa.recipe import Recipe
 from tersa.registry import get_stage
-from tersa.sysinfo import peak_rss_bytes, resolve_device
+from tersa.sysinfo import current_rss_bytes, peak_rss_bytes, resolve_device
+from tersa.workarea import fingerprint, open_work_area, work_area
 
 
 @dataclass
@@ -64,13 +65,23 @@ def run_recipe(
     overwrite: bool = False,
     reporter: Reporter | None = None,
     recipe_text: str | None = None,
+    resume: bool = False,
 ) -> RunResult:
-    """Run ``recipe``; write the export into ``output`` (atomically) unless it is None."""
+    """Run ``recipe``; write the export into ``output`` (atomically) unless it is None.
+
+    With an output, long stages keep finished pieces in the work area next to it (see
+    :mod:`tersa.workarea`); ``resume`` reuses them after a crash. The area is deleted once the
+    export is written.
+    """
     reporter = reporter or Reporter(quiet=True)
+    workdir = None
     if output is not None:
         check_output(output, overwrite, recipe.model)
     started = time.perf_counter()
     run = _Run.start(recipe, reporter)
+    if output is not None:
+        workdir = open_work_area(work_area(output), fingerprint(recipe.to_dict()), resume)
+        run.ctx.workdir, run.ctx.resume = workdir, resume
     model = run.model
     metrics: dict[str, Any] = {
         "model": recipe.model,
@@ -98,6 +109,8 @@ def run_recipe(
     metrics["peak_rss_bytes"] = peak_rss_bytes()
     if output is not None:
         _write_output(model, run.tokenizer, recipe, output, overwrite, metrics)
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
     return RunResult(output, model, metrics)
 
 
@@ -147,13 +160,23 @@ class _Run:
 def apply_stage_list(
     model: nn.Module, stage_list: list[tuple[str, Any]], ctx: StageContext
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Apply ``[(name, config)]`` in order with ``ctx``; returns the model and the timings."""
+    """Apply ``[(name, config)]`` in order with ``ctx``; returns the model and, per stage, its
+    wall time, the resident memory before it and the process's peak resident memory after it
+    (the peak so far: the stage's own peak unless an earlier step peaked higher)."""
     timings = []
     for index, (name, cfg) in enumerate(stage_list):
+        rss_before = current_rss_bytes()
         t0 = time.perf_counter()
         ctx.stage_name, ctx.stage_index = name, index
         model = get_stage(name).fn(model, cfg, ctx)
-        timings.append({"name": name, "wall_s": round(time.perf_counter() - t0, 3)})
+        timings.append(
+            {
+                "name": name,
+                "wall_s": round(time.perf_counter() - t0, 3),
+                "rss_before_bytes": rss_before,
+                "peak_rss_bytes": peak_rss_bytes(),
+            }
+        )
     return model, timings
 
 

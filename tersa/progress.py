@@ -26,10 +26,11 @@ class Reporter:
         self._progress: Progress | None = None
 
     @contextmanager
-    def task(self, description: str, total: int) -> Iterator[Callable[[int, int], None]]:
-        """A bar for ``total`` steps; yields ``update(done, total)``."""
+    def task(self, description: str, total: int) -> Iterator[Callable[..., None]]:
+        """A bar for ``total`` steps; yields ``update(done, total, note="")`` (the note, e.g. the
+        current loss, is shown after the bar)."""
         if self.quiet:
-            yield lambda done, total: None
+            yield lambda done, total, note="": None
             return
         progress = Progress(
             TextColumn("{task.description}"),
@@ -38,12 +39,15 @@ class Reporter:
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[note]}"),
             console=console,
             transient=False,
         )
         with progress:
-            task = progress.add_task(description, total=total)
-            yield lambda done, total: progress.update(task, completed=done, total=total)
+            task = progress.add_task(description, total=total, note="")
+            yield lambda done, total, note="": progress.update(
+                task, completed=done, total=total, note=note
+            )
 
     def info(self, message: str) -> None:
         if not self.quiet:

@@ -38,6 +38,9 @@ class BlockCache:
     kwargs: list[dict[str, Any]] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     storage: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # dtype the hidden states are cast to on the compute device (None: as stored); set when they
+    # are stored in a narrower dtype than the blocks compute in.
+    dtype: torch.dtype | None = None
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -45,7 +48,8 @@ class BlockCache:
     def batches(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         """Each batch's (hidden ``[B, T, H]``, kwargs), on the compute device."""
         for h, kw in zip(self.hidden, self.kwargs, strict=True):
-            yield h.to(self.device), send_to_device(kw, self.device)
+            h = h.to(self.device) if self.dtype is None else h.to(self.device, self.dtype)
+            yield h, send_to_device(kw, self.device)
 
     @torch.no_grad()
     def run(self, block: nn.Module) -> list[torch.Tensor]:

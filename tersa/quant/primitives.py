@@ -133,7 +133,7 @@ def scale_shape(out_features: int, in_features: int, scheme: WeightScheme) -> tu
     return (out_features, num_groups(in_features, scheme.group_size))
 
 
-def _group_min_max(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_min_max(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group min and max of ``w: [out, in]`` -> two ``[out, G]``."""
     out_f, in_f = w.shape
     n_full = in_f // group_size
@@ -161,7 +161,7 @@ def weight_qparams(w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor,
         w_min, w_max = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
     else:
         assert scheme.group_size is not None
-        w_min, w_max = _group_min_max(w, scheme.group_size)
+        w_min, w_max = group_min_max(w, scheme.group_size)
     return compute_qparams(w_min, w_max, scheme.bits, scheme.symmetric, scale_dtype=w.dtype)
 
 

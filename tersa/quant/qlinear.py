@@ -155,14 +155,27 @@ class QuantLinear(nn.Module):
         if weights is None:
             ql.weight = nn.Parameter(w.contiguous(), requires_grad=False)
         else:
-            qw = quantize_weight(w, weights)
-            ql.weight_packed = pack_int32(qw.codes, weights.bits)
-            ql.weight_scale = qw.scale
-            if qw.zero_point is not None:
-                ql.weight_zero_point = qw.zero_point
+            ql.set_quantized_weight(quantize_weight(w, weights))
         if has_bias:
             ql.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return ql
+
+    def set_quantized_weight(self, qw: QuantizedWeight) -> None:
+        """Store ``qw`` (codes ``[out, in]``, scale and zero point of :func:`scale_shape`), e.g. the
+        hardened rounding of a reconstruction, instead of the round-to-nearest weight."""
+        if self.weights is None:
+            raise RuntimeError("set_quantized_weight: this layer keeps a float weight")
+        want = (self.out_features, self.in_features)
+        if tuple(qw.codes.shape) != want or qw.scale.shape != self.weight_scale.shape:
+            raise ValueError(
+                f"quantized weight codes {tuple(qw.codes.shape)} / scale {tuple(qw.scale.shape)} "
+                f"do not match the layer's {want} / {tuple(self.weight_scale.shape)}"
+            )
+        self.weight_packed = pack_int32(qw.codes, self.weights.bits)
+        self.weight_scale = qw.scale.to(self.weight_scale.dtype)
+        if not self.weights.symmetric:
+            assert qw.zero_point is not None
+            self.weight_zero_point = qw.zero_point.to(torch.int8)
 
     def scheme_dict(self) -> dict[str, Any]:
         """JSON-able ``{"weights": {...} | None, "activations": {...} | None}`` for the export,
@@ -268,6 +281,22 @@ class QuantLinear(nn.Module):
             self.input_scale.copy_(scale.reshape(1))
             if not self.activations.symmetric:
                 self.input_zero_point.copy_(zp.reshape(1))
+        self._calibrating, self._obs, self._has_input_qparams = False, None, True
+
+    def set_input_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+        """Set static ``input_scale`` (and ``input_zero_point``) directly, e.g. steps learned by a
+        reconstruction."""
+        if not self.is_static:
+            raise RuntimeError(
+                f"set_input_qparams: activations '{self._act_tag()}' are not static "
+                "(granularity 'tensor')"
+            )
+        assert self.activations is not None
+        with torch.no_grad():
+            self.input_scale.copy_(scale.detach().reshape(1))
+            if not self.activations.symmetric:
+                assert zero_point is not None
+                self.input_zero_point.copy_(zero_point.detach().reshape(1))
         self._calibrating, self._obs, self._has_input_qparams = False, None, True
 
     def _observe(self, x: torch.Tensor) -> None:
