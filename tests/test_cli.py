@@ -199,3 +199,23 @@ def test_missing_recipe_file_exit_2(tmp_path, capsys) -> None:
         and stderr
         == f"error: recipe '{tmp_path / 'none.yaml'}' does not exist; give the path of a recipe YAML file"
     )
+
+
+def test_run_resume_continues_from_the_work_area_and_refuses_a_changed_recipe(
+    tmp_path, tiny, capsys
+) -> None:
+    qdrop = {"quantize": {"method": "qdrop", "weights": {"bits": 4}, "qdrop": {"iters": 2}}}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(*tiny, [qdrop]))
+    out = tmp_path / "out"
+    area = tmp_path / ".out.work"
+    area.mkdir()
+    (area / "manifest.json").write_text('{"fingerprint": "another recipe"}')
+    argv = ["run", str(recipe), "--output", str(out), "--quiet", "--resume"]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and not out.exists()
+    assert err == (
+        f"error: --resume: the work area '{area}' was made by a different recipe (or model); "
+        "rerun without --resume to start over"
+    )
+    code, stdout, _ = _run(argv[:-1], capsys)  # without --resume: the stale area is replaced
+    assert code == 0 and f"wrote {out}" in stdout and not area.exists()
