@@ -23,6 +23,7 @@ __all__ = [
     "get_adapter",
     "get_blocks",
     "get_submodule",
+    "group_norm",
     "linear_weight",
     "resolve",
     "supported_model_types",
@@ -104,3 +105,31 @@ def get_blocks(model: nn.Module, adapter: Adapter | None = None) -> nn.ModuleLis
             "tersa.models.load.load_model or a transformers Auto class"
         )
     return blocks
+
+
+def group_norm(
+    model: nn.Module, adapter: Adapter, group: NormGroup, index: int
+) -> tuple[str, nn.Module]:
+    """``(path on model, module)`` of the norm whose output feeds ``group`` in block ``index``.
+
+    For an in-block group that is ``group.norm`` in that block. A block-input group
+    (:attr:`NormGroup.block_input`) reads the block's input: ``group.norm`` of block ``index − 1``,
+    or ``group.first_norm`` (resolved on the task or the bare model) for block 0.
+
+    :raises ModelError: no such block, or the norm is not where the adapter says.
+    """
+    n_blocks = len(get_blocks(model, adapter))
+    if not 0 <= index < n_blocks:
+        raise ModelError(f"block {index} out of range: the model has {n_blocks} blocks")
+    if group.block_input and index == 0:
+        assert group.first_norm is not None  # NormGroup checks it
+        path = resolve(model, adapter, group.first_norm)
+        if path is None:
+            raise ModelError(
+                f"cannot find '{group.first_norm}', the norm before the first "
+                f"{adapter.model_type} block, on a {type(model).__name__}"
+            )
+    else:
+        owner = index - 1 if group.block_input else index
+        path = f"{resolve(model, adapter, adapter.blocks)}.{owner}.{group.norm}"
+    return path, model.get_submodule(path)

@@ -71,7 +71,8 @@ OPT = Adapter(
         NormGroup("final_layer_norm", ("fc1",), "mlp"),
     ),
     # Post-norm: self_attn_layer_norm (after the attention residual) feeds fc1; final_layer_norm
-    # feeds the next block's q/k/v, which no block-relative path can name.
+    # feeds the next block's q/k/v. That would be a block-input group (as BERT's), but block 0
+    # reads the embeddings (plus project_in) with no norm before them, so it is not listed.
     post_norm_groups=(NormGroup("self_attn_layer_norm", ("fc1",), "mlp"),),
     pre_norm_attr="do_layer_norm_before",
     # fc1 → fc2 is left out: ReLU commutes with positive scales only, and not with shifts.
@@ -112,9 +113,19 @@ BERT = Adapter(
     final_norm=None,  # post-norm: every block already ends in output.LayerNorm
     lm_head="cls",  # BertOnlyMLMHead (dense, GELU, LayerNorm, decoder); absent on BertModel
     pre_norm=False,
-    # query/key/value read the previous block's output.LayerNorm (or embeddings.LayerNorm), which
-    # is not block-relative; only the in-block MLP group is listed.
-    norm_groups=(NormGroup("attention.output.LayerNorm", ("intermediate.dense",), "mlp"),),
+    # query/key/value read the block input: the previous block's output.LayerNorm, or the
+    # embeddings' LayerNorm for block 0. A block-input group names both; being post-norm, its
+    # transform stays on q/k/v's inputs (SmoothedLinear) and the residual stream keeps the norm's.
+    norm_groups=(
+        NormGroup(
+            "output.LayerNorm",
+            ("attention.self.query", "attention.self.key", "attention.self.value"),
+            "attention",
+            block_input=True,
+            first_norm="bert.embeddings.LayerNorm",
+        ),
+        NormGroup("attention.output.LayerNorm", ("intermediate.dense",), "mlp"),
+    ),
     scale_pairs=(ScalePair("attention.self.value", "attention.output.dense"),),
     attention=AttentionLayout(
         q="attention.self.query",

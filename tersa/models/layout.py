@@ -4,7 +4,8 @@ All paths are dotted module names as ``named_modules()`` prints them. Top-level 
 (``blocks``, ``embeddings``, ``final_norm``, ``lm_head``) are written for the task model
 (``LlamaForCausalLM``, ``BertForMaskedLM``) and also resolve on the bare model (``LlamaModel``,
 ``BertModel``) by dropping ``Adapter.base``. Paths inside ``norm_groups``, ``scale_pairs``,
-``attention`` and ``mlp`` are relative to one block.
+``attention`` and ``mlp`` are relative to one block, except a block-input group's norm (relative to
+the previous block) and ``first_norm`` (top-level): see :class:`NormGroup`.
 """
 
 from __future__ import annotations
@@ -25,11 +26,33 @@ class NormGroup:
     exactly from the norm weight (and bias) into their input columns. In a post-norm block the norm
     output also feeds the residual stream and folding changes the model: check
     ``Adapter.is_pre_norm(config)`` first.
+
+    A **block-input group** (``block_input=True``) names linears that read the block's own input,
+    the residual stream, rather than a norm inside the block: BERT's query/key/value, whose input
+    is the previous block's last norm (``output.LayerNorm``) or, for the first block, the
+    embeddings' norm. ``norm`` is then relative to the *previous* block and ``first_norm`` is the
+    top-level path (like ``Adapter.embeddings``) of the norm whose output block 0 reads;
+    :func:`tersa.models.adapters.group_norm` resolves the right one for a block index. Keeping the
+    linears in the block they belong to, rather than attaching them to the block that owns the norm,
+    lets every stage treat the group block by block like any other: its statistics are the block's
+    own inputs and its transform lands on the block's own linears. Only the consumer-side
+    (post-norm, :class:`~tersa.quant.smoothed.SmoothedLinear`) migration applies: the norm output is
+    the residual stream, so nothing may fold into the norm (``Adapter`` refuses the group on a
+    pre-norm layout).
     """
 
     norm: str
     linears: tuple[str, ...]
     kind: NormKind
+    block_input: bool = False
+    first_norm: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_input != (self.first_norm is not None):
+            raise ValueError(
+                f"NormGroup {self.norm!r}: a block-input group needs first_norm (the norm before "
+                "the first block), and only a block-input group takes one"
+            )
 
 
 class ScalePair(NamedTuple):
@@ -98,7 +121,8 @@ class Adapter:
     :param final_norm: the norm after the last block, or None.
     :param lm_head: the output head, or None (then the bare model has none either).
     :param after_blocks: other modules between the last block and the head (OPT ``project_out``).
-    :param norm_groups: norm → consumer linears, for the default norm placement of this family.
+    :param norm_groups: norm → consumer linears, for the default norm placement of this family
+        (block-input groups only if that placement is post-norm and fixed).
     :param post_norm_groups: the wiring when ``pre_norm_attr`` makes the config post-norm
         (OPT-350m).
     :param scale_pairs: producer → consumer pairs where a per-channel scale migrates exactly.
@@ -126,6 +150,18 @@ class Adapter:
     post_norm_groups: tuple[NormGroup, ...] = ()
     pre_norm: bool = True
     pre_norm_attr: str | None = None
+
+    def __post_init__(self) -> None:
+        # norm_groups serve pre-norm configs unless the family is post-norm with no config flag;
+        # post_norm_groups only ever serve post-norm ones.
+        always_post_norm = self.pre_norm_attr is None and not self.pre_norm
+        bad = [] if always_post_norm else [g for g in self.norm_groups if g.block_input]
+        if bad:
+            raise ValueError(
+                f"{self.model_type}: block-input group {bad[0].linears} would run pre-norm; it "
+                "reads the residual stream and is only valid in a post-norm layout "
+                "(post_norm_groups, or norm_groups with pre_norm=False)"
+            )
 
     def is_pre_norm(self, config: PretrainedConfig) -> bool:
         """True when every norm output feeds only linears (norm folding is exact)."""

@@ -54,12 +54,12 @@ def fold_into_linear_inputs(
     w = linear_weight(linear)  # [out, in]; a view for Conv1D, so writes reach the module
     w64 = w.double()
     if shift is not None:
-        delta = w64 @ shift.double()  # [out]
+        delta = w64 @ shift.to(w.device, torch.float64)  # [out]
         if linear.bias is None:
             add_linear_bias(linear)
         linear.bias.copy_((linear.bias.double() + delta).to(linear.bias.dtype))
     if scale is not None:
-        w.copy_((w64 * scale.double()[None, :]).to(w.dtype))
+        w.copy_((w64 * scale.to(w.device, torch.float64)[None, :]).to(w.dtype))
 
 
 @torch.no_grad()
@@ -143,6 +143,7 @@ def migrate_group(
     scale: torch.Tensor | None,
     shift: torch.Tensor | None,
     pre_norm: bool,
+    norm: nn.Module | None = None,
 ) -> None:
     """Make the group's linears see ``(X − z)/s`` while the model stays exact.
 
@@ -153,6 +154,10 @@ def migrate_group(
 
     :param scale: ``[C]`` positive per-channel scale, or None.
     :param shift: ``[C]`` per-channel shift, or None.
+    :param norm: the producing norm when it is not ``block.<norm_name>`` (a block-input group,
+        :attr:`tersa.models.layout.NormGroup.block_input`: the norm ends the previous block or the
+        embeddings); ``norm_name`` then only labels messages. Its output is the residual stream,
+        so such a group is post-norm only.
     """
     for name in linear_names:
         linear = block.get_submodule(name)
@@ -161,10 +166,15 @@ def migrate_group(
                 f"{norm_name}: '{name}' is a {type(linear).__name__}, not a float linear; "
                 "outlier transforms must run before 'quantize'"
             )
+    if pre_norm and norm is not None:
+        raise ModelError(
+            f"{norm_name}: the group's linears read the block input (the residual stream), so "
+            "nothing can fold into its norm; only a post-norm layout can migrate it"
+        )
     if pre_norm:
         fold_norm_group(block, norm_name, linear_names, scale, shift)
     else:
-        smooth_group_inputs(block, norm_name, linear_names, scale, shift)
+        smooth_group_inputs(block, norm_name, linear_names, scale, shift, norm)
 
 
 def smooth_group_inputs(
@@ -173,15 +183,18 @@ def smooth_group_inputs(
     linear_names: tuple[str, ...] | list[str],
     scale: torch.Tensor | None,
     shift: torch.Tensor | None = None,
+    norm: nn.Module | None = None,
 ) -> None:
     """Post-norm migration: every linear of the group becomes a :class:`SmoothedLinear` computing
-    ``(W·diag(s))·((X − z)/s) + (b + W·z)``; the norm and the residual keep ``X``.
+    ``(W·diag(s))·((X − z)/s) + (b + W·z)``; the norm and the residual keep ``X``. ``norm`` is the
+    producing norm when it is outside ``block`` (see :func:`migrate_group`); only its width is
+    read.
 
     ``s`` and ``z`` are relative to what the linears already see: on a layer that smooths already
     (a second transform) they compose, ``((X − z₁)/s₁ − z)/s``. Statistics for ``s`` and ``z``
     therefore come from :func:`tersa.quant.smoothed.effective_input`, not the raw ``X``.
     """
-    norm = block.get_submodule(norm_name)
+    norm = block.get_submodule(norm_name) if norm is None else norm
     linears = {name: block.get_submodule(name) for name in linear_names}
     check_group(norm, linears, norm_name)
     for name, linear in linears.items():

@@ -4,7 +4,9 @@ token-wise clipping of static activation ranges.
 1. **Gamma migration** (data-free): every norm → linears group of the adapter migrates ``|γ|`` into
    the linears' input columns (``migrate_group`` with ``s = |γ|``, no shift). Pre-norm, the norm
    then emits ``x′ = LN(x)/|γ|`` (weight ``sign(γ)``, bias ``β/|γ|``); post-norm (BERT, OPT-350m),
-   the norm and the residual keep ``LN(x)`` and the consumers compute ``x′`` on their input.
+   the norm and the residual keep ``LN(x)`` and the consumers compute ``x′`` on their input. A
+   block-input group (BERT's query/key/value) takes the ``γ`` of the norm that produced the block
+   input: the previous block's last norm, or the embeddings' norm for block 0.
 2. **Token-wise clipping, coarse stage** (only before a ``quantize`` stage with static per-tensor
    activations): the per-token maxima and minima of every quantized linear's input are gathered
    block by block, the blocks quantized as ``quantize`` will do it (min-max input ranges) as the
@@ -32,7 +34,7 @@ from tersa.calib import BlockCache
 from tersa.config import STRICT, Bool, Float, Int
 from tersa.context import StageContext
 from tersa.errors import DataError
-from tersa.models.adapters import resolve
+from tersa.models.adapters import group_norm, resolve
 from tersa.offload import offloaded
 from tersa.quant.fold import migrate_group
 from tersa.quant.os_math import alpha_grid, clip_range, gamma_scale, output_mse, token_extremes
@@ -93,10 +95,13 @@ def migrate_gammas(model: nn.Module, ctx: StageContext) -> None:
     groups = ctx.adapter.norm_groups_for(model.config)
     pre_norm = ctx.adapter.is_pre_norm(model.config)
 
-    def process(_i: int, block: nn.Module, _cache: BlockCache | None) -> None:
+    def process(i: int, block: nn.Module, _cache: BlockCache | None) -> None:
         for g in groups:
-            scale = gamma_scale(block.get_submodule(g.norm).weight)
-            migrate_group(block, g.norm, g.linears, scale, None, pre_norm)
+            # Post-norm, norms are never changed, so an earlier block's γ is still the original.
+            norm = group_norm(model, ctx.adapter, g, i)[1]
+            scale = gamma_scale(norm.weight)
+            outside = norm if g.block_input else None
+            migrate_group(block, g.norm, g.linears, scale, None, pre_norm, norm=outside)
 
     ctx.each_block(model, process)
 

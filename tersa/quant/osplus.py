@@ -20,7 +20,10 @@ Block by block (one block's calibration activations at a time):
      all run through the model's own attention code;
    - other groups (the MLP) are scored on their linears' outputs (gate+up, fc1).
 
-   The best ``(s, z)`` folds exactly into the norm and the linears (:func:`migrate_group`).
+   The best ``(s, z)`` folds exactly into the norm and the linears (:func:`migrate_group`), or,
+   post-norm, stays on the linears' inputs. BERT's query/key/value read the block input (a
+   block-input group): they are observed and scored like any attention group, the norm that
+   produced the input (the previous block's last, or the embeddings') only deciding the shift.
 3. Scale pairs (v → o, up → down) get a scale only, scored on the consumer's output. The group
    folds of step 2 leave the consumers' inputs as step 1 observed them (exact in full precision).
 
@@ -51,7 +54,7 @@ from tersa.calib.stats import ChannelStats, observe_inputs
 from tersa.config import STRICT, Bool, Int
 from tersa.context import StageContext
 from tersa.errors import ModelError, RecipeError
-from tersa.models.adapters import resolve
+from tersa.models.adapters import group_norm, resolve
 from tersa.models.layout import Adapter, NormGroup, ScalePair
 from tersa.offload import onloaded
 from tersa.quant.fold import expand_for_heads, fold_scale_pair, migrate_group
@@ -163,7 +166,10 @@ def os_plus(model: nn.Module, cfg: OsPlusConfig, ctx: StageContext) -> nn.Module
         # already propagated stay valid.
         if pending:
             finish(pending.pop())
-        search = _BlockSearch(block, i, cfg, target, ctx.adapter, model.config, f"{prefix}.{i}")
+        groups = ctx.adapter.norm_groups_for(model.config)
+        norms = {g: group_norm(model, ctx.adapter, g, i) for g in groups}
+        path = f"{prefix}.{i}"
+        search = _BlockSearch(block, i, cfg, target, ctx.adapter, model.config, path, norms)
         pending.append(search)
         search.watch(cache)
         if i + 1 == n_blocks:  # the last block's outputs are not propagated: a pass of its own
@@ -196,6 +202,7 @@ class _BlockSearch:
     adapter: Adapter
     config: PretrainedConfig
     path: str  # the block's dotted name in the model, for ignore patterns and messages
+    norms: dict[NormGroup, tuple[str, nn.Module]]  # each group's producing norm (group_norm)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     sequences: list[tuple[torch.Tensor, dict[str, Any]]] = field(default_factory=list)
     _hooks: ExitStack = field(default_factory=ExitStack)
@@ -240,7 +247,8 @@ class _BlockSearch:
         schemes = {n: self.target.schemes(f"{self.path}.{n}") for n in group.linears}
         if all(s == (None, None) for s in schemes.values()):
             return None  # the quantize stage leaves the whole group in float
-        norm = self.block.get_submodule(group.norm)
+        norm_path, norm = self.norms[group]
+        name = norm_path if group.block_input else group.norm  # the block's own norms: relative
         use_shift = self.cfg.shift if self.cfg.shift is not None else has_bias(norm)
         z = channel_shift(x.min, x.max) if use_shift else None
         lo, hi = (x.min, x.max) if z is None else (x.min - z, x.max - z)
@@ -258,11 +266,12 @@ class _BlockSearch:
         # t = max(reach) scales nothing: without a shift the grid's first loss is the identity's
         before = score(torch.ones_like(x.min), None) if z is not None else best.history[0][1]
         if best.loss >= before:  # a shift can cost more than it saves: then leave the group be
-            return _record(group.norm, None, None, None, before, before, len(best.history))
+            return _record(name, None, None, None, before, before, len(best.history))
         s = threshold_scale(lo, hi, best.t)
         pre_norm = self.adapter.is_pre_norm(self.config)
-        migrate_group(self.block, group.norm, group.linears, s, z, pre_norm=pre_norm)
-        return _record(group.norm, best.t, s, z, before, best.loss, len(best.history))
+        outside = norm if group.block_input else None
+        migrate_group(self.block, group.norm, group.linears, s, z, pre_norm, norm=outside)
+        return _record(name, best.t, s, z, before, best.loss, len(best.history))
 
     def _search(
         self, lo: torch.Tensor, hi: torch.Tensor, loss_at: Callable[[float], float]

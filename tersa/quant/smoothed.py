@@ -106,11 +106,12 @@ class SmoothedLinear(nn.Linear):
         (:func:`tersa.quant.fold.fold_into_linear_inputs`).
         """
         s1 = self.smooth_scale.double()
+        f64 = {"device": s1.device, "dtype": torch.float64}
         if shift is not None:
             z1 = self.smooth_shift.double() if self.smooth_shift is not None else 0.0
-            self.smooth_shift = (z1 + s1 * shift.double()).to(self.smooth_scale)
+            self.smooth_shift = (z1 + s1 * shift.to(**f64)).to(self.smooth_scale)
         if scale is not None:
-            self.smooth_scale.copy_((s1 * scale.double()).to(self.smooth_scale.dtype))
+            self.smooth_scale.copy_((s1 * scale.to(**f64)).to(self.smooth_scale.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(

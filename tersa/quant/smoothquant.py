@@ -3,7 +3,8 @@
 For each norm → linears group the linears' input channel ``j`` is divided by
 ``s_j = max|X_j|^α / max|W_{:,j}|^(1−α)`` (the weight maximum over every linear of the group) and
 their weight columns multiplied by it, through :func:`~tersa.quant.fold.migrate_group`: exact in
-float, folded into the norm (pre-norm) or kept on the linears' inputs (post-norm). With ``pairs``
+float, folded into the norm (pre-norm) or kept on the linears' inputs (post-norm, including
+BERT's query/key/value, which read the block input: a block-input group). With ``pairs``
 the adapter's scale pairs (v → o, up → down) are smoothed the same way, the consumer's input being
 the producer's output.
 
@@ -23,6 +24,7 @@ from tersa.calib import BlockCache
 from tersa.calib.stats import ChannelStats, observe_inputs
 from tersa.config import STRICT, Bool, Float
 from tersa.context import StageContext
+from tersa.models.adapters import group_norm
 from tersa.models.layout import Adapter, ScalePair
 from tersa.quant.fold import fold_scale_pair, migrate_group
 from tersa.quant.replace import linear_weight
@@ -98,7 +100,7 @@ def smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: StageContext) -> 
     pairs = adapter.scale_pairs if cfg.pairs else ()
     pre_norm = adapter.is_pre_norm(config)
 
-    def process(_i: int, block: nn.Module, cache: BlockCache) -> None:
+    def process(i: int, block: nn.Module, cache: BlockCache) -> None:
         # One module per input: a group's linears share it (and their smoothing), so the first.
         watched = [g.linears[0] for g in groups] + [p.consumer for p in pairs]
         modules = {name: block.get_submodule(name) for name in dict.fromkeys(watched)}
@@ -109,7 +111,8 @@ def smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: StageContext) -> 
             act = effective_absmax(block.get_submodule(first), stats[first])
             weight = column_absmax([block.get_submodule(n) for n in g.linears])
             scale = smoothing_scale(act, weight, cfg.alpha)
-            migrate_group(block, g.norm, g.linears, scale, None, pre_norm)
+            norm = group_norm(model, adapter, g, i)[1] if g.block_input else None
+            migrate_group(block, g.norm, g.linears, scale, None, pre_norm, norm=norm)
         for p in pairs:
             consumer = block.get_submodule(p.consumer)
             head_dim, n_rep = pair_heads(adapter, config, p)

@@ -6,6 +6,8 @@ and check the logits do not move, so a wrong pair fails here rather than in a qu
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -15,9 +17,11 @@ from transformers.pytorch_utils import Conv1D
 from tersa.errors import ModelError
 from tersa.models.adapters import (
     Adapter,
+    NormGroup,
     get_adapter,
     get_blocks,
     get_submodule,
+    group_norm,
     linear_weight,
     resolve,
     supported_model_types,
@@ -120,20 +124,72 @@ def test_mlp_shapes(family_model) -> None:
 
 
 def test_norm_groups(family_model) -> None:
-    _, model, adapter = family_model
+    family, model, adapter = family_model
     groups = adapter.norm_groups_for(model.config)
-    assert {g.kind for g in groups} == (
-        {"mlp"} if adapter.model_type == "bert" else {"attention", "mlp"}
-    )
-    for block in get_blocks(model, adapter):
+    assert {g.kind for g in groups} == {"attention", "mlp"}
+    # Only BERT's q/k/v read the block input (the previous block's output.LayerNorm).
+    assert [g.kind for g in groups if g.block_input] == (["attention"] if family == "bert" else [])
+    for i, block in enumerate(get_blocks(model, adapter)):
         for group in groups:
-            norm = get_submodule(block, group.norm)
-            assert _is_norm(norm)
+            path, norm = group_norm(model, adapter, group, i)
+            assert _is_norm(norm) and model.get_submodule(path) is norm
             assert tuple(norm.weight.shape) == (HIDDEN,)
+            if not group.block_input:
+                assert norm is get_submodule(block, group.norm)
             for name in group.linears:
                 linear = get_submodule(block, name)
                 assert _is_linear(linear)
                 assert linear_weight(linear).shape[1] == HIDDEN
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [(f, {}) for f in FAMILIES] + [("opt", {"do_layer_norm_before": False})],
+)
+def test_norm_groups_read_their_norm_output(family: str, overrides: dict) -> None:
+    """What every group linear multiplies is exactly its producing norm's output, in every block
+    (block 0 of a block-input group included: the embeddings' norm)."""
+    model = tiny_model(family, **overrides)
+    adapter = get_adapter(model)
+    prefix = resolve(model, adapter, adapter.blocks)
+    wiring = [  # (producing norm, consumer linear), full paths
+        (group_norm(model, adapter, g, i)[0], f"{prefix}.{i}.{name}")
+        for i in range(len(get_blocks(model, adapter)))
+        for g in adapter.norm_groups_for(model.config)
+        for name in g.linears
+    ]
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, output: bool):  # a hook keeping a norm output or a linear input
+        def hook(_m: nn.Module, args: tuple, *out: torch.Tensor) -> None:
+            seen[name] = out[0] if output else args[0]
+
+        return hook
+
+    norms = {n for n, _ in wiring}
+    handles = [model.get_submodule(n).register_forward_hook(keep(n, True)) for n in norms]
+    handles += [model.get_submodule(c).register_forward_pre_hook(keep(c, False)) for _, c in wiring]
+    _logits(model)
+    for h in handles:
+        h.remove()
+    for norm, consumer in wiring:  # OPT flattens fc1's input to [tokens, hidden]
+        x, y = (seen[n].reshape(-1, HIDDEN) for n in (consumer, norm))
+        assert torch.equal(x, y), (norm, consumer)
+
+
+def test_group_norm_errors_and_block_input_checks() -> None:
+    model = tiny_model("bert")
+    adapter = get_adapter(model)
+    qkv = adapter.norm_groups[0]
+    with pytest.raises(ModelError, match="block 2 out of range: the model has 2 blocks"):
+        group_norm(model, adapter, qkv, 2)
+    with pytest.raises(ValueError, match="needs first_norm"):
+        NormGroup("output.LayerNorm", ("attention.self.query",), "attention", block_input=True)
+    with pytest.raises(ValueError, match="only valid in a post-norm layout"):
+        replace(get_adapter("bert"), pre_norm=True)
+    with pytest.raises(ValueError, match="only valid in a post-norm layout"):
+        replace(get_adapter("opt"), norm_groups=(qkv,))  # OPT can be pre-norm
+    replace(get_adapter("opt"), post_norm_groups=(qkv,))  # post-norm only: accepted
 
 
 def test_qk_norm_only_on_qwen3(family_model) -> None:
@@ -196,6 +252,8 @@ def test_bare_models_resolve_without_base(bare: type, blocks: str, head: None) -
     assert resolve(model, adapter, adapter.blocks) == blocks
     assert get_blocks(model, adapter) is model.get_submodule(blocks)
     assert resolve(model, adapter, adapter.lm_head) is head
+    first = {group_norm(model, adapter, g, 0)[0] for g in adapter.norm_groups if g.block_input}
+    assert first == ({"embeddings.LayerNorm"} if family == "bert" else set())
 
 
 def test_get_blocks_wrong_model() -> None:

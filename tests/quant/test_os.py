@@ -11,7 +11,7 @@ from torch import nn
 from tersa.context import StageContext
 from tersa.errors import RecipeError
 from tersa.export.load import load_export
-from tersa.models.adapters import get_adapter, get_blocks
+from tersa.models.adapters import get_adapter, get_blocks, group_norm
 from tersa.models.tiny import tiny_model
 from tersa.pipeline import run_recipe
 from tersa.quant.os import OS_INFO, outlier_suppression
@@ -89,10 +89,11 @@ def test_gamma_migration_alone_is_exact(family: str, overrides: dict) -> None:
     model = tiny_model(family, **overrides)
     adapter = get_adapter(model)
     g = torch.Generator().manual_seed(3)
+    n_blocks = len(get_blocks(model, adapter))
     with torch.no_grad():  # a non-trivial γ, one entry negative
-        for block in get_blocks(model, adapter):
+        for i in range(n_blocks):
             for group in adapter.norm_groups_for(model.config):
-                w = block.get_submodule(group.norm).weight
+                w = group_norm(model, adapter, group, i)[1].weight
                 w.copy_(torch.rand(w.shape, generator=g) * 3 + 0.1)
                 w[0] = -w[0]
     ids = torch.randint(3, 300, (2, 17))
@@ -102,17 +103,31 @@ def test_gamma_migration_alone_is_exact(family: str, overrides: dict) -> None:
     model = outlier_suppression(model, recipe.stages[0][1], ctx)
     assert _rel(_logits(model, ids), ref) < 1e-4
     assert ACTIVATION_RANGES not in ctx.info  # no static quantize follows: no clipping
-    for block in get_blocks(model, adapter):
+    for i, block in enumerate(get_blocks(model, adapter)):
         for group in adapter.norm_groups_for(model.config):
-            norm = block.get_submodule(group.norm)
+            norm = group_norm(model, adapter, group, i)[1]
             if adapter.is_pre_norm(model.config):
                 expected = torch.ones_like(norm.weight)
                 expected[0] = -1.0
                 assert torch.equal(norm.weight, expected)
             else:  # post-norm: the consumers divide by |γ| on their input
-                consumer = block.get_submodule(group.linears[0])
-                assert isinstance(consumer, SmoothedLinear)
-                torch.testing.assert_close(consumer.smooth_scale, norm.weight.abs())
+                for name in group.linears:
+                    consumer = block.get_submodule(name)
+                    assert isinstance(consumer, SmoothedLinear)
+                    torch.testing.assert_close(consumer.smooth_scale, norm.weight.abs())
+    if family == "bert":  # q/k/v take the γ of the norm before the block (embeddings' for 0)
+        gammas = [
+            model.bert.embeddings.LayerNorm.weight,
+            model.bert.encoder.layer[0].output.LayerNorm.weight,
+        ]
+        for block, gamma in zip(get_blocks(model, adapter), gammas, strict=True):
+            for layer in (
+                block.attention.self.query,
+                block.attention.self.key,
+                block.attention.self.value,
+            ):
+                assert isinstance(layer, SmoothedLinear)
+                torch.testing.assert_close(layer.smooth_scale, gamma.abs())
 
 
 def test_gamma_migration_makes_llama_norms_ones() -> None:

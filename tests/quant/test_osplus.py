@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,14 @@ from tersa.context import StageContext
 from tersa.errors import RecipeError
 from tersa.eval.numerics import sqnr_db
 from tersa.export.load import load_export
+from tersa.export.save import save_export
 from tersa.models.adapters import get_adapter, get_blocks
 from tersa.models.tiny import tiny_model
 from tersa.pipeline import run_recipe
 from tersa.quant.norms import BiasedRMSNorm
 from tersa.quant.osplus import INFO_KEY, OsPlusConfig, os_plus
 from tersa.quant.qlinear import QuantLinear
+from tersa.quant.smoothed import SmoothedLinear
 from tersa.quant.stage import QuantizeConfig, quantize
 from tersa.recipe import parse_recipe
 from tersa.registry import get_stage
@@ -86,6 +89,32 @@ def test_float_model_is_unchanged(family: str, shift: bool | None, overrides: di
     if family == "llama":
         biased = [m for m in model.modules() if isinstance(m, BiasedRMSNorm)]
         assert bool(biased) == bool(shift)
+    if family == "bert":  # q/k/v read the block input: named by the norm that produced it
+        names = [r["name"] for r in records]
+        assert names[0] == "bert.embeddings.LayerNorm"
+        assert names[per_block] == "bert.encoder.layer.0.output.LayerNorm"
+        for block in get_blocks(model):
+            for layer in (block.attention.self.query, block.attention.self.value):
+                # the search may keep s = 1 and only shift (LayerNorm has a bias)
+                assert isinstance(layer, SmoothedLinear) and layer.smooth_shift is not None
+                assert layer.smooth_shift.abs().amax() > 0
+
+
+def test_bert_block_input_group_exports(tmp_path: Path) -> None:
+    """q/k/v smoothed on the block input survive export: float ones in ``smoothed``, quantized
+    ones with their transform; the reload gives the same logits."""
+    model = tiny_model("bert")
+    _os_plus(model, _calib())
+    ignore = ["*.0.attention.self.*"]
+    quantize(model, QuantizeConfig(**W6A6, ignore=ignore), _ctx(model, None))
+    save_export(model, tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    qkv0 = [f"bert.encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value")]
+    assert qc["smoothed"] == qc["smoothed_shifts"] == qkv0
+    qkv1 = [n.replace(".0.", ".1.") for n in qkv0]
+    assert all(qc["layers"][n]["smooth"] == "scale_shift" for n in qkv1)
+    ids = _calib(2, 17, seed=5)
+    assert torch.equal(_logits(load_export(tmp_path), ids), _logits(model, ids))
 
 
 def test_one_observation_pass_suffices() -> None:

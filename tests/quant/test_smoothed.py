@@ -14,7 +14,7 @@ from tersa.context import StageContext
 from tersa.errors import ModelError
 from tersa.export.load import load_export
 from tersa.export.save import save_export
-from tersa.models.adapters import get_adapter, get_blocks
+from tersa.models.adapters import get_adapter, get_blocks, group_norm
 from tersa.models.tiny import tiny_model
 from tersa.quant.fold import migrate_group
 from tersa.quant.qlinear import QuantLinear
@@ -37,13 +37,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _migrate_random(model: nn.Module, shift: bool, seed: int = 1) -> None:
     adapter = get_adapter(model)
+    pre_norm = adapter.is_pre_norm(model.config)
     g = torch.Generator().manual_seed(seed)
-    for block in get_blocks(model, adapter):
+    for i, block in enumerate(get_blocks(model, adapter)):
         for group in adapter.norm_groups_for(model.config):
-            c = block.get_submodule(group.norm).weight.shape[0]
+            norm = group_norm(model, adapter, group, i)[1]
+            c = norm.weight.shape[0]
             s = torch.rand(c, generator=g) * 4 + 0.25
             z = torch.randn(c, generator=g) if shift else None
-            migrate_group(block, group.norm, group.linears, s, z, adapter.is_pre_norm(model.config))
+            outside = norm if group.block_input else None
+            migrate_group(block, group.norm, group.linears, s, z, pre_norm, norm=outside)
+
+
+def _smoothed_per_block(family: str) -> int:
+    """Linears a post-norm migration smooths per block: BERT's q/k/v (the block input) and
+    intermediate.dense; OPT-350m's fc1 (its q/k/v read the previous block's norm, not listed)."""
+    return 4 if family == "bert" else 1
 
 
 def test_smoothed_linear_computes_linear_of_transformed_input() -> None:
@@ -74,8 +83,27 @@ def test_post_norm_migration_keeps_logits(family: str, overrides: dict, shift: b
     _migrate_random(model, shift, seed=2)  # a second transform composes with the first
     assert _rel(_logits(model, ids), ref) < 1e-5
     smoothed = [m for m in model.modules() if isinstance(m, SmoothedLinear)]
-    assert len(smoothed) == 2  # one group of one linear per block
+    assert len(smoothed) == 2 * _smoothed_per_block(family)
     assert all((m.smooth_shift is not None) == shift for m in smoothed)
+    assert all(not torch.equal(m.smooth_scale, torch.ones_like(m.smooth_scale)) for m in smoothed)
+
+
+def test_block_input_group_keeps_the_producing_norm() -> None:
+    model = tiny_model("bert")
+    adapter = get_adapter(model)
+    group = adapter.norm_groups[0]
+    assert group.block_input and group.linears[0] == "attention.self.query"
+    norms = {n: p.clone() for n, p in model.named_parameters() if "LayerNorm" in n}
+    _migrate_random(model, shift=True)
+    assert all(torch.equal(p, norms[n]) for n, p in model.named_parameters() if n in norms)
+    for block in get_blocks(model, adapter):
+        for name in group.linears:
+            assert isinstance(block.get_submodule(name), SmoothedLinear)
+    block = get_blocks(model, adapter)[1]
+    with pytest.raises(ModelError, match="read the block input"):
+        migrate_group(
+            block, group.norm, group.linears, None, None, True, norm=model.bert.embeddings.LayerNorm
+        )
 
 
 def test_post_norm_norm_is_untouched_and_input_transform_holds_scale() -> None:
@@ -131,7 +159,9 @@ def test_quant_linear_keeps_input_transform() -> None:
 
 
 @pytest.mark.parametrize(("family", "overrides"), POST_NORM)
-@pytest.mark.parametrize("ignore", [[], ["*.0.intermediate.dense", "*.0.fc1"]])
+@pytest.mark.parametrize(
+    "ignore", [[], ["*.0.intermediate.dense", "*.0.attention.self.*", "*.0.fc1"]]
+)
 def test_quantized_post_norm_export_reloads(
     tmp_path: Path, family: str, overrides: dict, ignore: list[str]
 ) -> None:
@@ -140,12 +170,16 @@ def test_quantized_post_norm_export_reloads(
     cfg = QuantizeConfig(weights=W8A8.weights, activations=W8A8.activations, ignore=ignore)
     model = quantize(model, cfg, StageContext(get_adapter(model), torch.device("cpu")))
     smoothed = [n for n, m in model.named_modules() if type(m) is SmoothedLinear]
-    assert len(smoothed) == (1 if ignore else 0)
+    per_block = _smoothed_per_block(family)
+    assert len(smoothed) == (per_block if ignore else 0)
+    if family == "bert" and ignore:  # block 0's q/k/v stay float, smoothed on the block input
+        qkv = [f"bert.encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value")]
+        assert set(qkv) <= set(smoothed)
     save_export(model, tmp_path)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert qc.get("smoothed", []) == smoothed and qc.get("smoothed_shifts", []) == smoothed
     smooth_layers = [n for n, layer in qc["layers"].items() if layer.get("smooth")]
-    assert len(smooth_layers) == 2 - len(smoothed)
+    assert len(smooth_layers) == 2 * per_block - len(smoothed)
     ids = torch.randint(3, 300, (2, 11))
     loaded = load_export(tmp_path)
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from tersa.context import StageContext
 from tersa.errors import RecipeError
 from tersa.eval.numerics import sqnr_db
 from tersa.export.load import load_export
-from tersa.models.adapters import get_adapter
+from tersa.models.adapters import get_adapter, get_blocks
 from tersa.models.tiny import tiny_model
 from tersa.pipeline import run_recipe
 from tersa.quant.fold import expand_for_heads
@@ -76,6 +77,12 @@ def test_smoothquant_keeps_float_model(family: str, overrides: dict, pairs: bool
     assert changed  # it did something
     post_norm = not get_adapter(model).is_pre_norm(model.config)
     assert any(isinstance(m, SmoothedLinear) for m in model.modules()) == post_norm
+    if family == "bert":  # q/k/v read the block input; every block's are smoothed now
+        for block in get_blocks(model):
+            for name in ("query", "key", "value"):
+                layer = block.attention.self.get_submodule(name)
+                assert isinstance(layer, SmoothedLinear)
+                assert not torch.equal(layer.smooth_scale, torch.ones_like(layer.smooth_scale))
 
 
 def _outlier_llama() -> nn.Module:
@@ -107,14 +114,25 @@ def test_smoothquant_then_static_w8a8_export_reloads(tmp_path: Path, family: str
     model_dir, text = tiny_setup(tmp_path, family)
     static = {"weights": {"bits": 8}, "activations": {"bits": 8, "granularity": "tensor"}}
     stages = [{"smoothquant": {"pairs": True}}, {"quantize": static}]
+    qkv0 = [f"bert.encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value")]
+    if family == "bert":
+        static["ignore"] = ["*.0.attention.self.*"]  # block 0's q/k/v stay float, smoothed
     recipe = tiny_recipe(model_dir, text, stages)
     if family == "bert":
         recipe["evaluation"] = None  # perplexity is for causal LMs
     out = tmp_path / "out"
     result = run_recipe(parse_recipe(recipe), out)
     assert [s["name"] for s in result.metrics["stages"]] == ["smoothquant", "quantize"]
+    if family == "bert":
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert qc["smoothed"] == qkv0
+        qkv1 = [n.replace(".0.", ".1.") for n in qkv0]
+        assert all(qc["layers"][n]["smooth"] == "scale" for n in qkv1)
     ids = torch.randint(3, 300, (2, 17))
-    assert torch.equal(_logits(load_export(out), ids), _logits(result.model, ids))
+    loaded = load_export(out)
+    assert torch.equal(_logits(loaded, ids), _logits(result.model, ids))
+    if family == "bert":
+        assert all(isinstance(loaded.get_submodule(n), SmoothedLinear) for n in qkv0)
 
 
 def test_smoothquant_after_quantize_is_refused() -> None:
