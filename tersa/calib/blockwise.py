@@ -61,6 +61,22 @@ class BlockCache:
         self.hidden = self.run(block)
 
 
+def select_rows(kwargs: Any, rows: torch.Tensor, batch: int) -> Any:
+    """Block keyword arguments (tensors nested in dicts, tuples, lists) cut to the batch rows
+    ``rows`` of ``batch``: tensors of at least 2 dimensions whose leading one is the batch are
+    indexed; the rest (RoPE tables shared by the batch ``[1, T, D]``, per-token cache positions
+    ``[T]``, flags) is kept."""
+    if isinstance(kwargs, torch.Tensor):
+        if kwargs.dim() >= 2 and kwargs.shape[0] == batch:
+            return kwargs[rows.to(kwargs.device)]
+        return kwargs
+    if isinstance(kwargs, dict):
+        return {k: select_rows(v, rows, batch) for k, v in kwargs.items()}
+    if isinstance(kwargs, tuple | list):
+        return type(kwargs)(select_rows(v, rows, batch) for v in kwargs)
+    return kwargs
+
+
 def _first(output: Any) -> torch.Tensor:
     # Decoder layers return a tensor in recent transformers, a tuple in older ones and some families.
     return output[0] if isinstance(output, tuple | list) else output

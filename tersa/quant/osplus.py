@@ -35,14 +35,13 @@ the identity, nothing is folded. Per-block results go to ``ctx.info["os_plus"]``
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass as plain_dataclass
 from dataclasses import field
 from typing import Annotated, Any
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import send_to_device
 from pydantic import Field
 from pydantic.dataclasses import dataclass
@@ -63,18 +62,19 @@ from tersa.quant.osplus_math import (
     SearchResult,
     channel_reach,
     channel_shift,
-    migrated_input,
-    migrated_range,
-    migrated_weight,
-    output_loss,
     reduce_repeated_heads,
     search_threshold,
     threshold_grid,
     threshold_scale,
 )
-from tersa.quant.replace import linear_weight, name_matches, replace_linear
+from tersa.quant.osplus_score import (
+    AttentionScore,
+    GroupInputs,
+    LinearScore,
+    first_sequences,
+)
+from tersa.quant.replace import linear_weight, name_matches
 from tersa.quant.scheme import ActivationScheme, WeightScheme
-from tersa.quant.smoothed import input_transform, smooth_input
 from tersa.registry import register_stage
 
 INFO_KEY = "os_plus"
@@ -185,11 +185,6 @@ def os_plus(model: nn.Module, cfg: OsPlusConfig, ctx: StageContext) -> nn.Module
     return model
 
 
-class _Stop(Exception):
-    """Raised by the o_proj pre-hook: the attention output is known, the rest of the block is not
-    needed."""
-
-
 @plain_dataclass
 class _BlockSearch:
     """One block: :meth:`watch` its activations during one pass, then :meth:`run` the searches
@@ -220,7 +215,7 @@ class _BlockSearch:
         the next pass of ``cache`` through the block records ranges and samples."""
         seq_len = cache.hidden[0].shape[1]
         n_seq = math.ceil(self.cfg.search_tokens / seq_len)  # attention mixes a sequence's tokens
-        self.device, self.sequences = cache.device, _first_sequences(cache, n_seq)
+        self.device, self.sequences = cache.device, first_sequences(cache, n_seq)
         modules = {f"{self.path}.{n}": self.block.get_submodule(n) for n in self._watched}
         self._stats = self._hooks.enter_context(observe_inputs(modules, n_seq * seq_len))
 
@@ -231,7 +226,9 @@ class _BlockSearch:
         """Search and fold every group, then every pair; one record each."""
         self.unwatch()
         x = {
-            n: _Inputs.of(self._stats[f"{self.path}.{n}"], self.block.get_submodule(n), self.device)
+            n: GroupInputs.of(
+                self._stats[f"{self.path}.{n}"], self.block.get_submodule(n), self.device
+            )
             for n in self._watched
         }
         groups = self.adapter.norm_groups_for(self.config)
@@ -242,7 +239,7 @@ class _BlockSearch:
 
     # ---------------------------------------------------------------------------------- groups
 
-    def _group(self, group: NormGroup, x: _Inputs) -> dict[str, Any] | None:
+    def _group(self, group: NormGroup, x: GroupInputs) -> dict[str, Any] | None:
         linears = {n: self.block.get_submodule(n) for n in group.linears}
         schemes = {n: self.target.schemes(f"{self.path}.{n}") for n in group.linears}
         if all(s == (None, None) for s in schemes.values()):
@@ -257,9 +254,9 @@ class _BlockSearch:
             sequences = [
                 (h.to(self.device), send_to_device(kw, self.device)) for h, kw in self.sequences
             ]
-            score = _AttentionScore(self.block, linears, schemes, a.o, sequences, x)
+            score = AttentionScore(self.block, linears, schemes, a.o, sequences, x)
         else:
-            score = _LinearScore(linears, schemes, x)
+            score = LinearScore(linears, schemes, x)
         best = self._search(lo, hi, lambda t: score(threshold_scale(lo, hi, t), z))
         if best is None:
             return None
@@ -285,7 +282,7 @@ class _BlockSearch:
 
     # ----------------------------------------------------------------------------------- pairs
 
-    def _pair(self, pair: ScalePair, x: _Inputs) -> dict[str, Any] | None:
+    def _pair(self, pair: ScalePair, x: GroupInputs) -> dict[str, Any] | None:
         consumer = self.block.get_submodule(pair.consumer)
         producer = self.block.get_submodule(pair.producer)
         schemes = self.target.schemes(f"{self.path}.{pair.consumer}")
@@ -303,7 +300,7 @@ class _BlockSearch:
                 f"but '{pair.consumer}' reads {lo.numel()} channels; the architecture adapter "
                 "does not match this model"
             )
-        score = _LinearScore({pair.consumer: consumer}, {pair.consumer: schemes}, x)
+        score = LinearScore({pair.consumer: consumer}, {pair.consumer: schemes}, x)
 
         def loss_at(t: float) -> float:
             return score(expand_for_heads(threshold_scale(lo, hi, t), head_dim, n_rep), None)
@@ -339,169 +336,3 @@ def _record(
         "loss_after": after,
         "candidates": candidates,
     }
-
-
-@plain_dataclass
-class _Inputs:
-    """A linear's input as its weight sees it: channel range ``[C]`` over all calibration tokens
-    and the sampled rows ``[N, C]`` (float32)."""
-
-    min: torch.Tensor
-    max: torch.Tensor
-    sample: torch.Tensor
-
-    @classmethod
-    def of(cls, stats: ChannelStats, module: nn.Module, device: torch.device) -> _Inputs:
-        # A post-norm layer that already smooths its input (SmoothedLinear) multiplies
-        # (x − z₁)/s₁, not x; s₁ > 0 keeps min and max in place.
-        assert stats.min is not None and stats.max is not None
-        scale, shift = input_transform(module)
-        lo, hi = (smooth_input(t.float().to(device), scale, shift) for t in (stats.min, stats.max))
-        return cls(lo, hi, smooth_input(stats.sample().to(device), scale, shift))
-
-
-Schemes = tuple[WeightScheme | None, ActivationScheme | None]
-
-
-class _LinearScore:
-    """Loss of ``(s, z)`` on the outputs of linears that read the sampled input directly."""
-
-    def __init__(
-        self, linears: dict[str, nn.Module], schemes: dict[str, Schemes], x: _Inputs
-    ) -> None:
-        self.x = x
-        self.layers = [(linear_weight(m).float(), _bias(m), schemes[n]) for n, m in linears.items()]
-        self.refs = [F.linear(x.sample, w, b) for w, b, _ in self.layers]  # [N, out] each
-
-    def __call__(self, s: torch.Tensor, z: torch.Tensor | None) -> float:
-        x_range = migrated_range(self.x.min, self.x.max, s, z)
-        loss, xq = 0.0, {}
-        for (w, b, (w_scheme, a_scheme)), ref in zip(self.layers, self.refs, strict=True):
-            key = repr(a_scheme)
-            if key not in xq:  # one quantized input per activation scheme
-                xq[key] = migrated_input(self.x.sample, s, z, a_scheme, x_range)
-            wq, bz = migrated_weight(w, b, s, z, w_scheme)
-            loss += output_loss(ref, F.linear(xq[key], wq, bz))
-        return loss
-
-
-def _bias(module: nn.Module) -> torch.Tensor | None:
-    return None if module.bias is None else module.bias.detach().float()
-
-
-class _MigratedLinear(nn.Module):
-    """Stands in for a group linear during the attention search: ``Q(W·diag(s))·Q((X − z)/s) + b
-    + W·z`` on the input the block gives it, in float32, returned in the input's dtype."""
-
-    def __init__(
-        self,
-        linear: nn.Module,
-        s: torch.Tensor,
-        z: torch.Tensor | None,
-        schemes: Schemes,
-        x_range: tuple[torch.Tensor, torch.Tensor],
-    ) -> None:
-        super().__init__()
-        self.transform = input_transform(linear)
-        self.s, self.z, self.act, self.x_range = s, z, schemes[1], x_range
-        self.w, self.b = migrated_weight(linear_weight(linear), _bias(linear), s, z, schemes[0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = migrated_input(
-            smooth_input(x, *self.transform), self.s, self.z, self.act, self.x_range
-        )
-        return F.linear(xq, self.w, self.b).to(x.dtype)
-
-
-class _AttentionScore:
-    """Loss of ``(s, z)`` on the attention output (o_proj's input) of the sampled sequences, the
-    block running with its q/k/v linears replaced by :class:`_MigratedLinear`."""
-
-    def __init__(
-        self,
-        block: nn.Module,
-        linears: dict[str, nn.Module],
-        schemes: dict[str, Schemes],
-        o_name: str,
-        sequences: list[tuple[torch.Tensor, dict[str, Any]]],
-        x: _Inputs,
-    ) -> None:
-        self.block, self.linears, self.schemes, self.o_name = block, linears, schemes, o_name
-        self.sequences, self.x = sequences, x
-        self.refs = self._outputs()
-
-    def __call__(self, s: torch.Tensor, z: torch.Tensor | None) -> float:
-        x_range = migrated_range(self.x.min, self.x.max, s, z)
-        swaps = {
-            n: _MigratedLinear(m, s, z, self.schemes[n], x_range) for n, m in self.linears.items()
-        }
-        with _swapped(self.block, swaps):
-            outs = self._outputs()
-        total = sum(
-            output_loss(r, o) * r.shape[:-1].numel() for r, o in zip(self.refs, outs, strict=True)
-        )
-        return total / sum(r.shape[:-1].numel() for r in self.refs)
-
-    def _outputs(self) -> list[torch.Tensor]:
-        """o_proj's input ``[b, T, heads·head_dim]`` for each batch of sampled sequences."""
-        captured: list[torch.Tensor] = []
-
-        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.append(args[0] if args else kwargs["input"])
-            raise _Stop
-
-        handle = self.block.get_submodule(self.o_name).register_forward_pre_hook(
-            hook, with_kwargs=True
-        )
-        try:
-            for h, kw in self.sequences:
-                try:
-                    self.block(h, **kw)
-                except _Stop:
-                    continue
-                raise ModelError(
-                    f"the block never called '{self.o_name}'; the architecture adapter does not "
-                    "match this model"
-                )
-        finally:
-            handle.remove()
-        return captured
-
-
-@contextmanager
-def _swapped(block: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
-    """Put ``modules`` at their dotted paths in ``block`` for the duration, then restore."""
-    old = {name: replace_linear(block, name, new) for name, new in modules.items()}
-    try:
-        yield
-    finally:
-        for name, module in old.items():
-            replace_linear(block, name, module)
-
-
-def _first_sequences(cache: BlockCache, n: int) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """The first ``n`` cached sequences ``[b, T, H]`` with their block kwargs, batch by batch (on
-    the cache's storage device)."""
-    out = []
-    for h, kw in zip(cache.hidden, cache.kwargs, strict=True):
-        if n <= 0:
-            break
-        k = min(n, h.shape[0])
-        out.append((h[:k].clone(), _take_rows(kw, h.shape[0], k)))
-        n -= k
-    return out
-
-
-def _take_rows(obj: Any, batch: int, k: int) -> Any:
-    """``obj`` (kwargs: tensors, nested in tuples/lists/dicts) cut to its first ``k`` of ``batch``
-    rows: tensors whose leading dim is the batch are sliced, the rest (RoPE tables shared by the
-    batch ``[1, T, D]``, flags) kept."""
-    if k == batch:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj[:k] if obj.dim() > 0 and obj.shape[0] == batch else obj
-    if isinstance(obj, dict):
-        return {key: _take_rows(v, batch, k) for key, v in obj.items()}
-    if isinstance(obj, tuple | list):
-        return type(obj)(_take_rows(v, batch, k) for v in obj)
-    return obj

@@ -28,11 +28,13 @@ from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
 import torch
+from accelerate.utils import send_to_device
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
 from tersa.calib import BlockCache, run_blockwise
+from tersa.calib.blockwise import select_rows
 from tersa.config import STRICT, Float, Int
 from tersa.context import StageContext
 from tersa.errors import DataError
@@ -304,21 +306,8 @@ def _minibatch(
     if cfg.keep_prob < 1.0:
         x_fp = fp_inputs[k][rows].to(device, torch.float32)
         x_q = torch.where(torch.rand_like(x_q) < cfg.keep_prob, x_q, x_fp)
-    kwargs = _float_kwargs(_select_rows(cache.kwargs[k], rows, n, device))
+    kwargs = _float_kwargs(send_to_device(select_rows(cache.kwargs[k], rows, n), device))
     return x_q, kwargs, targets[k][rows].to(device, torch.float32)
-
-
-def _select_rows(value: Any, rows: torch.Tensor, n: int, device: torch.device) -> Any:
-    """``value`` with the batch rows ``rows`` taken from every tensor whose leading dimension is
-    the batch (``n``, and at least 2-D: 1-D tensors such as cache positions are per token)."""
-    if isinstance(value, torch.Tensor):
-        value = value.to(device)
-        return value[rows.to(device)] if value.dim() >= 2 and value.shape[0] == n else value
-    if isinstance(value, dict):
-        return {k: _select_rows(v, rows, n, device) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(_select_rows(v, rows, n, device) for v in value)
-    return value
 
 
 def _float_kwargs(value: Any) -> Any:
