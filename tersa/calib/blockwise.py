@@ -54,7 +54,7 @@ class BlockCache:
     @torch.no_grad()
     def run(self, block: nn.Module) -> list[torch.Tensor]:
         """The block's outputs for every batch (``[B, T, H]`` each, on the storage device)."""
-        return [_first(block(h, **kw)).to(self.storage) for h, kw in self.batches()]
+        return [first_output(block(h, **kw)).to(self.storage) for h, kw in self.batches()]
 
     def advance(self, block: nn.Module) -> None:
         """Replace the cached inputs by the block's outputs: the next block's inputs."""
@@ -77,7 +77,7 @@ def select_rows(kwargs: Any, rows: torch.Tensor, batch: int) -> Any:
     return kwargs
 
 
-def _first(output: Any) -> torch.Tensor:
+def first_output(output: Any) -> torch.Tensor:
     # Decoder layers return a tensor in recent transformers, a tuple in older ones and some families.
     return output[0] if isinstance(output, tuple | list) else output
 

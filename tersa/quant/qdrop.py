@@ -23,8 +23,6 @@ reloads those blocks instead of training them again.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
 import torch
@@ -34,11 +32,12 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from tersa.calib import BlockCache, run_blockwise
-from tersa.calib.blockwise import select_rows
+from tersa.calib.blockwise import first_output, select_rows
 from tersa.config import STRICT, Float, Int
 from tersa.context import StageContext
 from tersa.errors import DataError
 from tersa.models.adapters import resolve
+from tersa.progress import Reporter
 from tersa.quant.adaround import beta_schedule, cosine_lr, rounding_regularizer
 from tersa.quant.qdrop_linear import QDropLinear
 from tersa.quant.qlinear import QuantLinear
@@ -214,11 +213,12 @@ def reconstruct_block(
     recent: list[float] = []
     for layer in layers.values():
         layer.dropping = True
-    reporter_task = ctx.reporter.task(title, cfg.iters) if ctx else _null_task()
-    with reporter_task as update:
+    reporter = ctx.reporter if ctx is not None else Reporter(quiet=True)
+    device = next(block.parameters()).device
+    with reporter.task(title, cfg.iters) as update:
         for step in range(cfg.iters):
-            x, kwargs, y = _minibatch(cache, fp_inputs, targets, cfg, block_device(block))
-            out = _first(block(x, **kwargs))
+            x, kwargs, y = _minibatch(cache, fp_inputs, targets, cfg, device)
+            out = first_output(block(x, **kwargs))
             rec = (out.float() - y).pow(2).sum(-1).mean()
             beta = beta_schedule(step, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
             loss = rec
@@ -319,16 +319,3 @@ def _float_kwargs(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return type(value)(_float_kwargs(v) for v in value)
     return value
-
-
-def block_device(block: nn.Module) -> torch.device:
-    return next(block.parameters()).device
-
-
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple | list) else output
-
-
-@contextmanager
-def _null_task() -> Iterator[Callable[..., None]]:
-    yield lambda *args: None
