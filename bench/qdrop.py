@@ -1,4 +1,4 @@
-"""QDrop on the embedded SmolLM2-135M: RTN, BRECQ-style (keep_prob 1.0), QDrop (0.5), OS+ → QDrop.
+"""QDrop on the embedded SmolLM2-135M: RTN, BRECQ-style (drop_prob 1.0), QDrop (0.5), OS+ → QDrop.
 
 Usage: .venv/bin/python bench/qdrop.py [--rows rtn brecq qdrop osplus_qdrop]
                                        [--schemes w4a4 w3a8] [--max-windows 40]
@@ -40,7 +40,7 @@ def cell_recipe(row: str, scheme: str, max_windows: int, baseline: bool) -> dict
         quant["method"] = "rtn"
         del quant["qdrop"]
     elif row == "brecq":
-        quant["qdrop"]["keep_prob"] = 1.0
+        quant["qdrop"]["drop_prob"] = 1.0
     return recipe
 
 

@@ -8,7 +8,7 @@ For each block in order (one block's activations held at a time, see :mod:`tersa
    targets ``y_fp`` (and the next block's ``x_fp``).
 2. Its linears become :class:`~tersa.quant.qdrop_linear.QDropLinear` (AdaRound weights, per-token
    or LSQ static inputs). For ``iters`` steps on mini-batches of cached sequences: the input is
-   ``where(u < keep_prob, x_q, x_fp)`` elementwise, every input quantizer mixes the same way, and
+   ``where(u < drop_prob, x_q, x_fp)`` elementwise, every input quantizer mixes the same way, and
    Adam minimises ``Σ_hidden (ŷ − y_fp)²`` (mean over tokens) ``+ λ·Σ(1 − |2h(V) − 1|^β)``, the
    regulariser off for the warm-up, then β annealed linearly from ``beta_start`` to
    ``beta_end``. Rounding parameters use a constant learning rate, steps a cosine decay.
@@ -57,15 +57,15 @@ class QDropConfig:
         Int,
         Field(ge=1, description="sequences per step (at most the calibration batch size)"),
     ] = 1
-    keep_prob: Annotated[
+    drop_prob: Annotated[
         Float,
         Field(
             ge=0.0,
             le=1.0,
             description=(
                 "probability that an activation element keeps its quantized value during "
-                "reconstruction (the official code's drop_prob); 1.0: always quantized "
-                "(BRECQ-style), 0.5: QDrop"
+                "reconstruction (named after the official code's drop_prob, but it is the "
+                "chance of keeping quantization); 1.0: always quantized (BRECQ-style), 0.5: QDrop"
             ),
         ),
     ] = 0.5
@@ -195,7 +195,7 @@ def reconstruct_block(
         p.requires_grad_(False)
     layers = {
         n: QDropLinear(
-            block.get_submodule(n), weights, activations, cfg.keep_prob, cfg.weight_observer
+            block.get_submodule(n), weights, activations, cfg.drop_prob, cfg.weight_observer
         )
         for n in names
     }
@@ -303,9 +303,9 @@ def _minibatch(
     n = cache.hidden[k].shape[0]
     rows = torch.randperm(n)[: min(cfg.batch_size, n)]
     x_q = cache.hidden[k][rows].to(device, torch.float32)
-    if cfg.keep_prob < 1.0:
+    if cfg.drop_prob < 1.0:
         x_fp = fp_inputs[k][rows].to(device, torch.float32)
-        x_q = torch.where(torch.rand_like(x_q) < cfg.keep_prob, x_q, x_fp)
+        x_q = torch.where(torch.rand_like(x_q) < cfg.drop_prob, x_q, x_fp)
     kwargs = _float_kwargs(send_to_device(select_rows(cache.kwargs[k], rows, n), device))
     return x_q, kwargs, targets[k][rows].to(device, torch.float32)
 

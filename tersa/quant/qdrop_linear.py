@@ -6,7 +6,7 @@
   per-tensor step learned with LSQ (its gradient scaled by ``1/√(numel·qmax)``), the zero point
   fixed at its min-max value.
 - QDrop: while ``dropping`` is on, every input element keeps its quantized value with probability
-  ``keep_prob`` and its float value otherwise (``keep_prob = 1``: always quantized, BRECQ-style).
+  ``drop_prob`` and its float value otherwise (``drop_prob = 1``: always quantized, BRECQ-style).
 
 :meth:`harden` returns the :class:`~tersa.quant.qlinear.QuantLinear` with the chosen rounding
 and the learned step: the same storage and forward as round-to-nearest.
@@ -82,13 +82,13 @@ class QDropLinear(nn.Module):
         linear: nn.Module,
         weights: WeightScheme | None,
         activations: ActivationScheme | None,
-        keep_prob: float = 0.5,
+        drop_prob: float = 0.5,
         observer: Observer = "mse",
     ) -> None:
         super().__init__()
         w = linear_weight(linear).detach()
         self.out_features, self.in_features = w.shape
-        self.weights, self.activations, self.keep_prob = weights, activations, keep_prob
+        self.weights, self.activations, self.drop_prob = weights, activations, drop_prob
         self.dtype, self.device = w.dtype, w.device
         self.dropping = False  # QDrop mixing on (reconstruction) or off (evaluation)
         bias = getattr(linear, "bias", None)
@@ -178,8 +178,8 @@ class QDropLinear(nn.Module):
             if self.input_step is None:
                 raise RuntimeError("static input step not initialised: call init_input_step()")
             q = lsq_fake_quantize(x, self.input_step, self.input_zero_point, act.bits)
-        if self.dropping and self.keep_prob < 1.0:
-            q = torch.where(torch.rand_like(x) < self.keep_prob, q, x)
+        if self.dropping and self.drop_prob < 1.0:
+            q = torch.where(torch.rand_like(x) < self.drop_prob, q, x)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

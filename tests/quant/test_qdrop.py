@@ -65,15 +65,15 @@ def _reconstructed_error(cfg: QDropConfig) -> float:
     return _block_error(block, cache, targets)
 
 
-@pytest.mark.parametrize("keep_prob", [1.0, 0.5])
-def test_reconstruction_lowers_block_error_against_rtn(keep_prob: float) -> None:
+@pytest.mark.parametrize("drop_prob", [1.0, 0.5])
+def test_reconstruction_lowers_block_error_against_rtn(drop_prob: float) -> None:
     rtn_block, cache, targets = _block_setup()
     _rtn(rtn_block)
     rtn_error = _block_error(rtn_block, cache, targets)
     # The starting point: the MSE-observer grid with nearest rounding (no step really moves V).
-    start = _reconstructed_error(QDropConfig(iters=1, lr=1e-12, keep_prob=keep_prob))
-    learned = _reconstructed_error(QDropConfig(iters=60, batch_size=4, keep_prob=keep_prob))
-    print(f"keep_prob {keep_prob}: RTN {rtn_error:.4g}, start {start:.4g}, learned {learned:.4g}")
+    start = _reconstructed_error(QDropConfig(iters=1, lr=1e-12, drop_prob=drop_prob))
+    learned = _reconstructed_error(QDropConfig(iters=60, batch_size=4, drop_prob=drop_prob))
+    print(f"drop_prob {drop_prob}: RTN {rtn_error:.4g}, start {start:.4g}, learned {learned:.4g}")
     assert learned < 0.7 * rtn_error
     assert learned < 0.85 * start
 
@@ -88,15 +88,15 @@ def test_qdrop_config_errors_name_the_key() -> None:
     assert error({"qdrop": {"iters": 3}}) == (
         f"{at}: a 'qdrop' section needs method: qdrop (the method is 'rtn')"
     )
-    assert error({"method": "qdrop", "qdrop": {"keep_prob": 1.5}}) == (
-        f"{at}.qdrop.keep_prob: input should be less than or equal to 1 (got 1.5)"
+    assert error({"method": "qdrop", "qdrop": {"drop_prob": 1.5}}) == (
+        f"{at}.qdrop.drop_prob: input should be less than or equal to 1 (got 1.5)"
     )
     assert error({"method": "qdrop", "qdrop": {"beta_start": 2.0, "beta_end": 5.0}}) == (
         f"{at}.qdrop: beta_end (5.0) must not exceed beta_start (2.0): β is annealed downwards"
     )
-    unknown = error({"method": "qdrop", "qdrop": {"drop_prob": 0.5}})
-    assert unknown.startswith(f"{at}.qdrop.drop_prob: unknown key 'drop_prob'; allowed: iters,")
-    assert "keep_prob" in unknown
+    unknown = error({"method": "qdrop", "qdrop": {"keep_prob": 0.5}})
+    assert unknown.startswith(f"{at}.qdrop.keep_prob: unknown key 'keep_prob'; allowed: iters,")
+    assert "drop_prob" in unknown
     cfg = parse_recipe({"model": "m", "stages": [{"quantize": {"method": "qdrop"}}]}).stages[0][1]
     assert cfg.qdrop == QDropConfig() and cfg.needs_calibration
 

@@ -99,7 +99,7 @@ def test_lsq_step_gets_a_scaled_gradient_and_inputs_pass_straight_through() -> N
 @pytest.mark.parametrize("acts", [A8T, A6S, None])
 def test_harden_gives_a_quantlinear_with_the_same_output(acts: ActivationScheme | None) -> None:
     lin = _linear(seed=2)
-    layer = QDropLinear(lin, W4G, acts, keep_prob=0.5)
+    layer = QDropLinear(lin, W4G, acts, drop_prob=0.5)
     torch.manual_seed(3)
     with torch.no_grad():
         layer.rounding.add_(torch.randn_like(layer.rounding))
