@@ -22,8 +22,10 @@ def test_default_recipe_on_smollm2(tmp_path: Path) -> None:
     m = result.metrics
     assert m["baseline"]["params"] == 134_515_008
     assert m["baseline"]["eval_tokens"] == m["compressed"]["eval_tokens"] == 4 * 127
-    # W8A8 RTN costs about 3% perplexity on the full evaluation (31.30 against 30.35).
-    assert m["baseline"]["ppl"] < m["compressed"]["ppl"] < 1.10 * m["baseline"]["ppl"]
+    # W8A8 RTN costs about 3% perplexity on the full evaluation (31.22 against 30.35 with the int8
+    # path; 31.30 with the fake-quant forward). On these 508 tokens the cost is within the noise of
+    # which tokens' codes round which way (+0.2% fake-quant, -0.3% int8 path), so only bound it.
+    assert 0.97 * m["baseline"]["ppl"] < m["compressed"]["ppl"] < 1.10 * m["baseline"]["ppl"]
     # int8 linears (7 per block, 30 blocks) and fp32 embeddings: 210 MiB of 513 MiB.
     assert 205 * 2**20 < m["compressed"]["size_bytes"] < 215 * 2**20
     assert 13.0 < m["compressed"]["bits_per_param"] < 13.2

@@ -8,8 +8,9 @@ from a :class:`~tersa.quant.smoothed.SmoothedLinear` (post-norm outlier transfor
 input transform, ``smooth_scale`` and optionally ``smooth_shift`` ``[in]``: the input becomes
 ``(x − z)/s`` before it is quantized.
 
-``forward`` is the CPU reference: it dequantizes the weight and fake-quantizes the input, then calls
-``F.linear``. Kernels later plug in there.
+``forward`` runs a fused kernel for W4A16 and W8A8 layers (:mod:`tersa.quant.qlinear_dispatch`);
+otherwise it is the fake-quant reference: it dequantizes the weight and fake-quantizes the input,
+then calls ``F.linear``. The kernels compute the same function (up to float rounding).
 
 A model can be built on the ``meta`` device with QuantLinears (from ``scheme_dict`` records) and
 filled with ``load_state_dict(..., assign=True)``.
@@ -37,6 +38,7 @@ from tersa.quant.primitives import (
     scale_shape,
     unpack_int32,
 )
+from tersa.quant.qlinear_dispatch import run_kernel, select_path
 from tersa.quant.replace import linear_weight
 from tersa.quant.scheme import (
     ActivationScheme,
@@ -330,8 +332,16 @@ class QuantLinear(nn.Module):
         return fake_quantize_static(x, self.input_scale, zp, act.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: [..., in] -> [..., out]`` in ``x``'s dtype (CPU reference path)."""
+        """``x: [..., in] -> [..., out]`` in ``x``'s dtype.
+
+        W4A16 and W8A8 (symmetric per-channel weights, per-token inputs) layers run their fused
+        kernel (Triton on CUDA, torch elsewhere; :mod:`tersa.quant.qlinear_dispatch`); the others,
+        calibration and calls that need autograd run the fake-quant reference below.
+        """
         x = smooth_input(x, self.smooth_scale, self.smooth_shift)
+        path = select_path(self, x)
+        if path != "fake_quant":
+            return run_kernel(self, x, path)
         if self._calibrating:
             self._observe(x)
         else:

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from tersa.quant.primitives import expand_groups, num_groups, packed_width, unpack_int32
+from tersa.quant.primitives import num_groups, packed_width, unpack_int32
 
 BITS = 4
 
@@ -71,20 +71,61 @@ def unpack_uint4(weight_packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.stack((b & 0xF, b >> 4), dim=-1).reshape(b.shape[0], -1)[:, :in_features]
 
 
-def dequantize_packed(
-    weight_packed: torch.Tensor,
+def dequantize_codes(
+    codes: torch.Tensor,
     scale: torch.Tensor,
     zero_point: torch.Tensor | None,
     group_size: int | None,
-    in_features: int,
     dtype: torch.dtype = torch.float32,
+    offset: int = 0,
 ) -> torch.Tensor:
-    """The float weight ``(q - z) · s`` ``[N, K]`` in ``dtype`` (no rounding to the scale's dtype)."""
-    w = unpack_uint4(weight_packed, in_features).to(dtype)  # [N, K], q + 8
-    offset = 8.0  # the unsigned offset, plus the zero point when asymmetric
-    if zero_point is not None:
-        offset = expand_groups(zero_point, group_size, in_features).to(dtype) + offset
-    return (w - offset) * expand_groups(scale, group_size, in_features).to(dtype)
+    """The float weight ``(c - offset - z) · s`` ``[N, K]`` of integer codes ``c [N, K]``, in ``dtype``.
+
+    ``offset`` is 8 for the unsigned codes of :func:`unpack_uint4`, 0 for signed codes. Values are
+    exact integers until the one multiply by the scale (no rounding to the scale's dtype).
+    The group parameters ``[N, G]`` broadcast over a ``[N, G, group_size]`` view of one float copy
+    of the codes (the short last group apart), updated in place: ~4x faster on CPU than repeating
+    them to ``[N, K]`` first (K = N = 1536, group 64: 1.3 ms against 6.8 ms).
+    """
+    n, k = codes.shape
+    w = codes.to(dtype, copy=True)  # [N, K]
+    s = scale.to(dtype)  # [N, G]
+    zq = torch.full_like(s, offset) if zero_point is None else zero_point.to(dtype) + offset
+    gs = group_size or k  # per channel: one group of K
+    g_full = k // gs
+    head = w[:, : g_full * gs].view(n, g_full, gs)  # [N, G_full, gs], a view of w
+    head.sub_(zq[:, :g_full, None]).mul_(s[:, :g_full, None])
+    if g_full * gs < k:  # the short last group: [N, K mod gs]
+        w[:, g_full * gs :].sub_(zq[:, g_full:]).mul_(s[:, g_full:])
+    return w
+
+
+def w4a16_matmul_codes(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
+    group_size: int | None = None,
+    bias: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """:func:`w4a16_matmul_reference` on unpacked integer codes ``[N, K]`` (``q + offset``).
+
+    The CPU path of a :class:`~tersa.quant.qlinear.QuantLinear` with its cached int8 codes: the
+    unpacking, a third of the reference's time at M = 1, is done once. ``x [..., K]`` ->
+    ``[..., N]`` in ``x``'s dtype, computed in float32 (float64 for float64 ``x``).
+    """
+    k, n = x.shape[-1], codes.shape[0]
+    if codes.dim() != 2 or codes.shape[1] != k or codes.dtype.is_floating_point:
+        raise ValueError(
+            f"codes must be integer [N, K={k}], got {codes.dtype} {tuple(codes.shape)}"
+        )
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = dequantize_codes(codes, scale, zero_point, group_size, dt, offset)  # [N, K]
+    out = x.reshape(-1, k).to(dt) @ w.t()  # [M, N]
+    if bias is not None:
+        out = out + bias.to(dt)
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def w4a16_matmul_reference(
@@ -97,14 +138,9 @@ def w4a16_matmul_reference(
 ) -> torch.Tensor:
     """``x @ dequantize(weight).T + bias``: ``x [..., K]`` -> ``[..., N]`` in ``x``'s dtype.
 
-    Computes in float32 (float64 when ``x`` is float64): dequantize the whole weight, then one
-    GEMM. Arguments as in :func:`tersa.kernels.w4a16_matmul.w4a16_matmul`.
+    Computes in float32 (float64 when ``x`` is float64): unpack and dequantize the whole weight,
+    then one GEMM. Arguments as in :func:`tersa.kernels.w4a16_matmul.w4a16_matmul`.
     """
     check_w4a16_args(x, weight_packed, scale, zero_point, group_size, bias)
-    k, n = x.shape[-1], weight_packed.shape[0]
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w = dequantize_packed(weight_packed, scale, zero_point, group_size, k, dt)  # [N, K]
-    out = x.reshape(-1, k).to(dt) @ w.t()  # [M, N]
-    if bias is not None:
-        out = out + bias.to(dt)
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    codes = unpack_uint4(weight_packed, x.shape[-1])  # [N, K], q + 8
+    return w4a16_matmul_codes(x, codes, scale, zero_point, group_size, bias, offset=8)
