@@ -1,1 +1,10 @@
+"""tersa: make large language models smaller and faster.
 
+Importing tersa registers ``quant_method: tersa`` with transformers, so
+``AutoModelForCausalLM.from_pretrained`` loads tersa exports with tersa's modules
+(:mod:`tersa.export.hf_quantizer`).
+"""
+
+from tersa.export.hf_quantizer import register as _register_transformers_quantizer
+
+_register_transformers_quantizer()

@@ -159,6 +159,24 @@ def test_corrupt_safetensors_and_unsupported_architecture(tmp_path, tiny, capsys
     )
 
 
+def test_export_of_an_unknown_version_exit_2(tmp_path, tiny, capsys) -> None:
+    model_dir, text = tiny
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model_dir, text, [W8A8]))
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "-o", str(out), "-q"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["tersa"]["version"] = 99
+    (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    for argv in (["eval", str(out), "--data", str(text), "-q"], ["inspect", str(out)]):
+        code, _, stderr = _run(argv, capsys)
+        assert code == 2 and "Traceback" not in stderr
+        assert stderr == (
+            f"error: '{out}' has tersa format version 99; this tersa reads versions 1 — "
+            "upgrade tersa or re-export"
+        )
+
+
 def test_existing_output_without_overwrite(tmp_path, tiny, capsys) -> None:
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(*tiny, [W8A8]))
     (tmp_path / "out").mkdir()

@@ -8,7 +8,8 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from tersa.errors import ExportError
-from tersa.export.load import read_config
+from tersa.export.load import is_tersa_config, read_config
+from tersa.export.qconfig import read_plan
 from tersa.quant.scheme import ActivationScheme, WeightScheme, describe_activation, describe_weight
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -45,16 +46,17 @@ class Inspection:
 
 
 def inspect_folder(folder: str | Path) -> Inspection:
-    """Read config.json and the safetensors headers (no tensor data) of ``folder``."""
+    """Read config.json and the safetensors headers (no tensor data but ``weight_shape``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ExportError(f"'{folder}' is not a folder; give an export or model folder")
     config = read_config(folder)
-    layers = (config.get("quantization_config") or {}).get("layers") or {}
+    layers = _layer_schemes(config.get("quantization_config"), folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ExportError(f"'{folder}' has no .safetensors files")
     grouped: dict[str, dict[str, tuple[list[int], str]]] = {}
+    shapes: dict[str, list[int]] = {}  # compressed-tensors weight_shape values: [out, in]
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -62,31 +64,70 @@ def inspect_folder(folder: str | Path) -> Inspection:
                     sl = f.get_slice(key)
                     module, _, leaf = key.rpartition(".")
                     grouped.setdefault(module, {})[leaf] = (list(sl.get_shape()), sl.get_dtype())
+                    if leaf == "weight_shape":
+                        shapes[module] = [int(v) for v in f.get_tensor(key).tolist()]
         except (SafetensorError, OSError) as e:
             raise ExportError(f"'{file}' is not a readable safetensors file ({e})") from None
-    rows = [_row(name, tensors, layers.get(name)) for name, tensors in grouped.items()]
+    rows = [
+        _row(name, tensors, layers.get(name), shapes.get(name)) for name, tensors in grouped.items()
+    ]
     rows.sort(key=lambda r: _natural_key(r.name))
     return Inspection(folder, str(config.get("model_type", "?")), rows)
 
 
-def _row(name: str, tensors: dict[str, tuple[list[int], str]], layer: dict | None) -> LayerRow:
+@dataclass
+class _Layer:
+    weights: WeightScheme | None
+    activations: ActivationScheme | None
+    out_in: list[int] | None = None  # known from the config for layers in tersa's layout
+
+
+def _layer_schemes(qc: object, folder: Path) -> dict[str, _Layer]:
+    """The quantized layers the config names (groups that target classes or patterns, as other
+    tools write them, are not resolved: those rows show dtypes)."""
+    if not isinstance(qc, dict) or not qc:
+        return {}
+    try:
+        plan = read_plan(qc, str(folder))
+    except ExportError:
+        if is_tersa_config(qc):
+            raise
+        return {}  # another tool's quantization: its rows show their dtypes
+    table = {t: _Layer(g.weights, g.activations) for g in plan.groups for t in g.scheme.targets}
+    for name, record in plan.native.items():
+        w, a = record.get("weights"), record.get("activations")
+        table[name] = _Layer(
+            WeightScheme(**w) if w else None,
+            ActivationScheme(**a) if a else None,
+            [int(record["out_features"]), int(record["in_features"])],
+        )
+    return table
+
+
+def _row(
+    name: str,
+    tensors: dict[str, tuple[list[int], str]],
+    layer: _Layer | None,
+    weight_shape: list[int] | None,
+) -> LayerRow:
     nbytes = sum(_numel(shape) * _DTYPE_BYTES.get(dtype, 4) for shape, dtype in tensors.values())
     if layer is None:
         params = sum(_numel(s) for s, d in tensors.values())
         kind = "/".join(sorted({d.lower() for _, d in tensors.values()}))
         return LayerRow(name, kind, params, nbytes)
-    params = layer["in_features"] * layer["out_features"] + (
-        layer["out_features"] if layer["bias"] else 0
-    )
-    return LayerRow(name, _scheme_tag(layer), params, nbytes)
+    # [out, in]: from the config (tersa's layout), weight_shape (pack-quantized) or the stored
+    # weight (int-quantized, activation-only)
+    out_f, in_f = layer.out_in or weight_shape or tensors["weight"][0]
+    params = out_f * in_f + (out_f if "bias" in tensors else 0)
+    return LayerRow(name, _scheme_tag(layer.weights, layer.activations), params, nbytes)
 
 
-def _scheme_tag(layer: dict) -> str:
+def _scheme_tag(weights: WeightScheme | None, activations: ActivationScheme | None) -> str:
     parts = []
-    if layer.get("weights"):
-        parts.append(describe_weight(WeightScheme(**layer["weights"])))
-    if layer.get("activations"):
-        parts.append(describe_activation(ActivationScheme(**layer["activations"])))
+    if weights:
+        parts.append(describe_weight(weights))
+    if activations:
+        parts.append(describe_activation(activations))
     return " ".join(parts)
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import init_empty_weights
 from safetensors.torch import save_file
 from torch import nn
 
-from tersa.export.format import CONFIG_FILE, FORMAT_VERSION, QUANT_METHOD, WEIGHTS_FILE
+from tersa.export.format import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
+from tersa.export.layout import stored_tensors
+from tersa.export.qconfig import build_quantization_config, layer_layouts
 from tersa.quant.norms import BiasedRMSNorm
 from tersa.quant.qlinear import QuantLinear
 from tersa.quant.replace import is_linear
@@ -40,36 +41,28 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{name: LAYER}`` for every :class:`QuantLinear` in the model (see the format doc)."""
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            layers[name] = {
-                "in_features": module.in_features,
-                "out_features": module.out_features,
-                "bias": module.bias is not None,
-                **module.scheme_dict(),
-            }
-    return layers
+def reference_model(model: nn.Module) -> nn.Module:
+    """The unmodified architecture of ``model`` (from its config), on the meta device."""
+    with init_empty_weights():
+        return type(model)(model.config)
 
 
-def structural_extras(model: nn.Module) -> dict[str, list[str]]:
+def structural_extras(model: nn.Module, reference: nn.Module) -> dict[str, list[str]]:
     """Modules the transformers config cannot describe, beyond quantized linears.
 
-    ``biased_norms``: RMSNorms that gained a bias (OS+ shift); ``added_biases``: float linears that
-    gained a bias the config's architecture does not have; ``smoothed``: float
+    ``biased_norms``: RMSNorms that gained a bias (OS+ shift); ``added_biases``: linears (float or
+    quantized) that gained a bias the config's architecture does not have; ``smoothed``: float
     :class:`~tersa.quant.smoothed.SmoothedLinear` layers (post-norm outlier transforms), and
     ``smoothed_shifts`` the subset of them with a ``smooth_shift``.
     """
-    with init_empty_weights():
-        reference = type(model)(model.config)
     ref_keys = set(reference.state_dict())
     norms = [n for n, m in model.named_modules() if isinstance(m, BiasedRMSNorm)]
     biases = [
         n
         for n, m in model.named_modules()
-        if is_linear(m) and m.bias is not None and f"{n}.bias" not in ref_keys
+        if (is_linear(m) or isinstance(m, QuantLinear))
+        and m.bias is not None
+        and f"{n}.bias" not in ref_keys
     ]
     smoothed = {n: m for n, m in model.named_modules() if isinstance(m, SmoothedLinear)}
     shifts = [n for n, m in smoothed.items() if m.smooth_shift is not None]
@@ -81,28 +74,36 @@ def structural_extras(model: nn.Module) -> dict[str, list[str]]:
     }
 
 
+def export_tensors(model: nn.Module, layouts: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors to store: :func:`unique_state_dict` with each quantized linear ``NAME`` in its
+    layout (``layouts[NAME]``, see :mod:`tersa.export.layout`), contiguous and on the CPU."""
+    tensors = unique_state_dict(model)
+    for name, layout in layouts.items():
+        layer = model.get_submodule(name)
+        for key in layer.state_dict():
+            tensors.pop(f"{name}.{key}", None)
+        tensors.update({f"{name}.{k}": v for k, v in stored_tensors(layer, layout).items()})
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
 def save_export(model: nn.Module, folder: Path) -> int:
-    """Write ``model.safetensors`` and ``config.json`` into ``folder``; returns the tensor bytes
-    (equal to ``tensor_bytes(unique_state_dict(model))``)."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in unique_state_dict(model).items()}
+    """Write ``model.safetensors`` and ``config.json`` into ``folder``; returns the tensor bytes.
+
+    See :mod:`tersa.export.format` for the layout.
+    """
+    reference = reference_model(model)
+    qc = build_quantization_config(model, reference, structural_extras(model, reference))
+    layouts = layer_layouts(qc) if qc else {}
+    tensors = export_tensors(model, layouts)
     save_file(
         tensors,
         folder / WEIGHTS_FILE,
         metadata={"format": "pt", "tersa_version": str(FORMAT_VERSION)},
     )
     config = model.config.to_dict()
-    layers = quantized_layers(model)
-    extras = {k: v for k, v in structural_extras(model).items() if v}
     config.pop("quantization_config", None)
-    if layers or extras:
-        # quant_method "tersa" also makes plain transformers refuse the folder instead of
-        # silently dropping tensors it has no place for.
-        config["quantization_config"] = {
-            "quant_method": QUANT_METHOD,
-            "version": FORMAT_VERSION,
-            "layers": layers,
-            **extras,
-        }
+    if qc:
+        config["quantization_config"] = qc
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation = getattr(model, "generation_config", None)
     if generation is not None:

@@ -81,14 +81,15 @@ def test_shifted_llama_exports_and_reloads(tmp_path: Path) -> None:
     _fold_everything(model, shift=True)
     save_export(model, tmp_path)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "tersa" and qc["layers"] == {}
-    assert qc["biased_norms"] == [
+    assert qc["quant_method"] == "tersa" and qc["config_groups"] == {}
+    assert "layers" not in qc["tersa"]
+    assert qc["tersa"]["biased_norms"] == [
         f"model.layers.{i}.{n}"
         for i in range(2)
         for n in ("input_layernorm", "post_attention_layernorm")
     ]
-    assert "model.layers.0.self_attn.q_proj" in qc["added_biases"]
-    assert "model.layers.0.mlp.down_proj" not in qc["added_biases"]
+    assert "model.layers.0.self_attn.q_proj" in qc["tersa"]["added_biases"]
+    assert "model.layers.0.mlp.down_proj" not in qc["tersa"]["added_biases"]
     ids = torch.randint(0, 300, (1, 9))
     assert torch.equal(_logits(load_export(tmp_path), ids), _logits(model, ids))
 

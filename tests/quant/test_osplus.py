@@ -110,9 +110,9 @@ def test_bert_block_input_group_exports(tmp_path: Path) -> None:
     save_export(model, tmp_path)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     qkv0 = [f"bert.encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value")]
-    assert qc["smoothed"] == qc["smoothed_shifts"] == qkv0
+    assert qc["tersa"]["smoothed"] == qc["tersa"]["smoothed_shifts"] == qkv0
     qkv1 = [n.replace(".0.", ".1.") for n in qkv0]
-    assert all(qc["layers"][n]["smooth"] == "scale_shift" for n in qkv1)
+    assert all(qc["tersa"]["smooth"][n] == "scale_shift" for n in qkv1)
     ids = _calib(2, 17, seed=5)
     assert torch.equal(_logits(load_export(tmp_path), ids), _logits(model, ids))
 

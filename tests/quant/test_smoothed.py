@@ -177,9 +177,11 @@ def test_quantized_post_norm_export_reloads(
         assert set(qkv) <= set(smoothed)
     save_export(model, tmp_path)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert qc.get("smoothed", []) == smoothed and qc.get("smoothed_shifts", []) == smoothed
-    smooth_layers = [n for n, layer in qc["layers"].items() if layer.get("smooth")]
-    assert len(smooth_layers) == 2 * per_block - len(smoothed)
+    assert qc["quant_method"] == "tersa"
+    extensions = qc["tersa"]
+    assert extensions.get("smoothed", []) == smoothed
+    assert extensions.get("smoothed_shifts", []) == smoothed
+    assert len(extensions["smooth"]) == 2 * per_block - len(smoothed)
     ids = torch.randint(3, 300, (2, 11))
     loaded = load_export(tmp_path)
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))

@@ -125,9 +125,9 @@ def test_smoothquant_then_static_w8a8_export_reloads(tmp_path: Path, family: str
     assert [s["name"] for s in result.metrics["stages"]] == ["smoothquant", "quantize"]
     if family == "bert":
         qc = json.loads((out / "config.json").read_text())["quantization_config"]
-        assert qc["smoothed"] == qkv0
+        assert qc["tersa"]["smoothed"] == qkv0
         qkv1 = [n.replace(".0.", ".1.") for n in qkv0]
-        assert all(qc["layers"][n]["smooth"] == "scale" for n in qkv1)
+        assert all(qc["tersa"]["smooth"][n] == "scale" for n in qkv1)
     ids = torch.randint(3, 300, (2, 17))
     loaded = load_export(out)
     assert torch.equal(_logits(loaded, ids), _logits(result.model, ids))
