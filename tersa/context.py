@@ -39,6 +39,9 @@ class StageContext:
     workdir: Path | None = None
     resume: bool = False  # reuse finished pieces found in ``workdir`` (``tersa run --resume``)
     info: dict[str, Any] = field(default_factory=dict)
+    # What the running stage reports for metrics.json (its entry under "stages"); the pipeline
+    # empties it before each stage. ``info`` is for later stages, this is for the user.
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     def next_config(self, stage: str) -> Any | None:
         """The config of the first ``stage`` stage after the current one in the recipe, if any."""

@@ -162,21 +162,23 @@ def apply_stage_list(
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Apply ``[(name, config)]`` in order with ``ctx``; returns the model and, per stage, its
     wall time, the resident memory before it and the process's peak resident memory after it
-    (the peak so far: the stage's own peak unless an earlier step peaked higher)."""
+    (the peak so far: the stage's own peak unless an earlier step peaked higher), plus
+    ``metrics`` when the stage reported any (``ctx.metrics``)."""
     timings = []
     for index, (name, cfg) in enumerate(stage_list):
         rss_before = current_rss_bytes()
         t0 = time.perf_counter()
-        ctx.stage_name, ctx.stage_index = name, index
+        ctx.stage_name, ctx.stage_index, ctx.metrics = name, index, {}
         model = get_stage(name).fn(model, cfg, ctx)
-        timings.append(
-            {
-                "name": name,
-                "wall_s": round(time.perf_counter() - t0, 3),
-                "rss_before_bytes": rss_before,
-                "peak_rss_bytes": peak_rss_bytes(),
-            }
-        )
+        timing: dict[str, Any] = {
+            "name": name,
+            "wall_s": round(time.perf_counter() - t0, 3),
+            "rss_before_bytes": rss_before,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+        if ctx.metrics:
+            timing["metrics"] = ctx.metrics
+        timings.append(timing)
     return model, timings
 
 

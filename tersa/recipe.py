@@ -183,20 +183,29 @@ def _parse_stages(items: Any, problems: list[str]) -> list[tuple[str, Any]]:
 
 
 def _check_order(stage_list: list[tuple[str, Any]]) -> list[str]:
-    """Transforms of the float model must precede the quantization they prepare for."""
+    """Transforms of the float model must precede the quantization they prepare for, and a stage
+    must follow the stages it names in ``follows``."""
     registry = stages()
+    problems = []
+    for i, (name, _) in enumerate(stage_list):
+        problems.extend(
+            f"stages[{j}]: '{later}' cannot handle what '{name}' (stages[{i}]) builds and must "
+            f"come before it; move it up"
+            for j, (later, _) in enumerate(stage_list)
+            if j > i and later in registry[name].follows
+        )
     first_quant = next(
         (i for i, (name, _) in enumerate(stage_list) if registry[name].kind == "quantize"), None
     )
     if first_quant is None:
-        return []
+        return problems
     quant = stage_list[first_quant][0]
     return [
         f"stages[{i}]: '{name}' transforms the float model and must come before "
         f"'{quant}' (stages[{first_quant}]); move it up"
         for i, (name, _) in enumerate(stage_list)
         if i > first_quant and registry[name].kind == "transform"
-    ]
+    ] + problems
 
 
 def _format_errors(error: ValidationError, root: type, prefix: str) -> list[str]:

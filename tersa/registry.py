@@ -26,6 +26,7 @@ _BUILTIN_MODULES = (
     "tersa.quant.smoothquant",
     "tersa.quant.os",
     "tersa.quant.osplus",
+    "tersa.structured.stage",
 )
 
 _REGISTRY: dict[str, Stage] = {}
@@ -40,22 +41,24 @@ class Stage:
     fn: StageFn
     doc: str
     kind: StageKind = "quantize"
+    follows: tuple[str, ...] = ()
 
 
 def register_stage(
-    name: str, config: type, kind: StageKind = "quantize"
+    name: str, config: type, kind: StageKind = "quantize", follows: tuple[str, ...] = ()
 ) -> Callable[[StageFn], StageFn]:
     """Register ``fn`` as the stage ``name`` configured by the dataclass ``config``.
 
     ``kind`` orders stages in a recipe: ``transform`` stages rewrite the float model (outlier
-    suppression) and must come before every ``quantize`` stage.
+    suppression) and must come before every ``quantize`` stage. ``follows`` names stages that,
+    when a recipe has them, must come before this one (they cannot handle what it builds).
     """
 
     def decorate(fn: StageFn) -> StageFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise RuntimeError(f"stage '{name}' is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = Stage(name, config, fn, doc[0] if doc else "", kind)
+        _REGISTRY[name] = Stage(name, config, fn, doc[0] if doc else "", kind, follows)
         return fn
 
     return decorate

@@ -79,7 +79,8 @@ def test_unknown_stage_lists_registered_stages() -> None:
     msg = _err({"model": "m", "stages": [{"quantise": {}}]})
     assert (
         msg
-        == "r.yaml: stages[0]: unknown stage 'quantise'; allowed: os_plus, outlier_suppression, quantize, smoothquant"
+        == "r.yaml: stages[0]: unknown stage 'quantise'; allowed: os_plus, outlier_suppression, "
+        "quantize, smoothquant, structured_ffn"
     )
 
 

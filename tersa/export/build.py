@@ -1,7 +1,8 @@
 """Shape a meta-device model skeleton into an export's model, then finish it once tensors are in.
 
-:func:`place_modules` swaps in what an :class:`~tersa.export.qconfig.ExportPlan` names (quantized
-linears staged in their stored layout, biased norms, added biases, smoothed linears); the caller
+:func:`place_modules` swaps in what an :class:`~tersa.export.qconfig.ExportPlan` names (structured
+layers, quantized linears staged in their stored layout, biased norms, added biases, smoothed
+linears); the caller
 checks the stored tensors against the skeleton (:func:`check_tensor_specs`) and assigns them;
 :func:`finish_modules` converts each quantized linear to tersa's in-memory layout. Used by
 :func:`tersa.export.load.load_export` and by the transformers quantizer alike.
@@ -21,6 +22,7 @@ from tersa.errors import ExportError
 from tersa.export.format import NATIVE
 from tersa.export.layout import TensorSpec, stage, unstage
 from tersa.export.qconfig import ExportPlan, Group
+from tersa.export.structured import place_structured
 from tersa.quant.norms import BiasedRMSNorm, rms_eps
 from tersa.quant.qlinear import QuantLinear
 from tersa.quant.replace import linear_weight, replace_linear
@@ -36,8 +38,11 @@ _SAFETENSORS_DTYPES = {
 def place_modules(model: nn.Module, plan: ExportPlan, where: str) -> dict[str, str]:
     """Swap the plan's modules into ``model`` (built on the meta device).
 
+    Structured layers go first: quantized factors are named inside them.
+
     :returns: ``{name: layout}`` of every quantized linear placed, for :func:`finish_modules`.
     """
+    place_structured(model, plan.structured, where)
     matched = _match_groups(model, plan, where)
     unknown = sorted(set(plan.smooth) - set(matched) - set(plan.native))
     if unknown:

@@ -73,6 +73,14 @@ weight missing (randomly initialised). The ``tersa`` key holds, besides ``format
   (and those with a shift); ``biased_norms``: RMSNorms that gained a ``bias`` (OS+ shift);
   ``added_biases``: linears (float or quantized) that gained a bias their architecture lacks (a
   compressed-tensors loader would drop ``NAME.bias`` as unexpected).
+- ``structured``: ``{NAME: {"kind": "lowrank" | "blockdense" | "blockshuffle", "in_features",
+  "out_features", "rank", "blocks", "bias", "merge_below"}}``, structured layers
+  (:mod:`tersa.structured`) in place of the linear ``NAME``. Their factors are linears of their
+  own: ``NAME.v.weight`` / ``NAME.u.weight`` (LowRank; BlockDense's ``v`` is block diagonal,
+  ``NAME.v.linears.K.weight`` per block), ``NAME.w1.linears.K.weight`` /
+  ``NAME.w2.linears.K.weight`` (BlockShuffle), plus ``NAME.bias``. A quantized factor is a
+  quantized layer like any other (a config group target or a ``layers`` entry) at its own name;
+  loaders place the structured layers first (see :mod:`tersa.export.structured`).
 
 Loading (:func:`tersa.export.load.load_export` and the transformers quantizer) builds the model on
 the meta device, swaps in the modules the config names, checks every stored tensor's shape and dtype

@@ -58,8 +58,9 @@ class TersaHfQuantizer(HfQuantizer):
         self._where = str(getattr(model.config, "name_or_path", "") or "the export")
         plan = read_plan(self.quantization_config.to_dict(), self._where)
         self._placed = place_modules(model, plan, self._where)
-        self._check_checkpoint(model, plan.extras, checkpoint_files or [])
-        _skip_parent_init(model, self._placed)
+        extras = {**plan.extras, "structured": list(plan.structured)}
+        self._check_checkpoint(model, extras, checkpoint_files or [])
+        _skip_parent_init(model, [*self._placed, *plan.structured])
 
     def _check_checkpoint(
         self, model: nn.Module, extras: dict[str, list[str]], files: list[str]
@@ -102,8 +103,8 @@ def _skip_parent_init(model: nn.Module, names: Iterable[str]) -> None:
     """Keep transformers' weight init off the parents of tersa's layers.
 
     After loading, transformers runs the model's ``_init_weights`` on every module not flagged
-    initialised, and some reach into a child's weight (GPT-2 rescales ``attn.c_proj.weight``),
-    which a QuantLinear does not have. A parent without tensors of its own has nothing else to
+    initialised, and some reach into a child's weight (GPT-2 rescales ``attn.c_proj.weight`` and
+    ``mlp.c_proj.weight``), which a QuantLinear or a structured layer does not have. A parent without tensors of its own has nothing else to
     initialise, so flagging it is safe; its children are still visited one by one.
     """
     for name in names:

@@ -29,6 +29,7 @@ from tersa.export.format import (
     TERSA_KEY,
     TERSA_METHOD,
 )
+from tersa.export.structured import structured_records
 from tersa.quant.qlinear import QuantLinear
 from tersa.quant.scheme import ActivationScheme, WeightScheme
 
@@ -54,7 +55,8 @@ class ExportPlan:
     """What a ``quantization_config`` says to build, before it is matched against a model.
 
     ``native``: ``{name: record}`` of layers stored in tersa's layout; ``smooth``: ``{name: kind}``
-    of quantized layers with an input transform; ``extras``: the lists of :data:`EXTRA_KEYS`.
+    of quantized layers with an input transform; ``extras``: the lists of :data:`EXTRA_KEYS`;
+    ``structured``: ``{name: record}`` of structured layers (:mod:`tersa.export.structured`).
     """
 
     quant_method: str
@@ -63,6 +65,7 @@ class ExportPlan:
     native: dict[str, dict[str, Any]] = field(default_factory=dict)
     smooth: dict[str, str] = field(default_factory=dict)
     extras: dict[str, list[str]] = field(default_factory=dict)
+    structured: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -73,13 +76,14 @@ def build_quantization_config(
 ) -> dict[str, Any] | None:
     """``quantization_config`` for ``model``; None when nothing is quantized or changed.
 
-    :param reference: the unmodified architecture (meta device is fine), to tell which layers were
-        ``nn.Linear`` and which biases are new.
+    :param reference: the unmodified architecture (meta device is fine) with the model's structured
+        layers placed, to tell which layers were ``nn.Linear`` and which biases are new.
     :param extras: the structural changes (:data:`EXTRA_KEYS`), see ``structural_extras``.
     """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     extras = {k: v for k, v in extras.items() if v}
-    if not layers and not extras:
+    structured = structured_records(model)
+    if not layers and not extras and not structured:
         return None
     by_scheme: dict[str, list[str]] = {}
     native: dict[str, dict[str, Any]] = {}
@@ -101,9 +105,10 @@ def build_quantization_config(
     )
     smooth = {n: m.smooth for n, m in layers.items() if m.smooth is not None}
     tersa: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
-    tersa.update({k: v for k, v in (("layers", native), ("smooth", smooth)) if v})
+    parts = (("layers", native), ("smooth", smooth), ("structured", structured))
+    tersa.update({k: v for k, v in parts if v})
     tersa.update(extras)
-    tersa_only = bool(native or smooth or extras)
+    tersa_only = bool(native or smooth or extras or structured)
     # A loader that knows compressed-tensors but not tersa would drop what only tersa knows and
     # build another model; quant_method "tersa" keeps it from using this config at all.
     qc = {"quant_method": TERSA_METHOD if tersa_only else CT_METHOD}
@@ -159,7 +164,9 @@ def read_plan(qc: Any, where: str) -> ExportPlan:
             raise ExportError(f"'{where}': config group '{name}' is not supported: {e}") from None
         plan.groups.append(Group(name, scheme, weights, activations))
     _read_tersa_section(plan, tersa, where)
-    if plan.quant_method == CT_METHOD and (plan.native or plan.smooth or plan.extras):
+    if plan.quant_method == CT_METHOD and (
+        plan.native or plan.smooth or plan.extras or plan.structured
+    ):
         raise ExportError(
             f"'{where}' has tersa-only parts but quant_method '{CT_METHOD}', so other loaders "
             "would build a different model; re-export it with tersa"
@@ -215,15 +222,17 @@ def _ct_config(qc: dict[str, Any], where: str) -> QuantizationConfig:
 
 def _read_tersa_section(plan: ExportPlan, section: dict[str, Any], where: str) -> None:
     layers, smooth = section.get("layers", {}), section.get("smooth", {})
+    structured = section.get("structured", {})
     extras = {k: section.get(k, []) for k in EXTRA_KEYS}
     ok = (
         isinstance(layers, dict)
         and all(isinstance(v, dict) for v in layers.values())
+        and isinstance(structured, dict)
         and isinstance(smooth, dict)
         and all(v in ("scale", "scale_shift") for v in smooth.values())
         and all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in extras.values())
     )
     if not ok:
         raise ExportError(f"'{where}': quantization_config.tersa is malformed; re-export the model")
-    plan.native, plan.smooth = layers, smooth
+    plan.native, plan.smooth, plan.structured = layers, smooth, structured
     plan.extras = {k: v for k, v in extras.items() if v}

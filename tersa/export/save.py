@@ -13,6 +13,7 @@ from torch import nn
 from tersa.export.format import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
 from tersa.export.layout import stored_tensors
 from tersa.export.qconfig import build_quantization_config, layer_layouts
+from tersa.export.structured import place_structured, structured_records
 from tersa.quant.norms import BiasedRMSNorm
 from tersa.quant.qlinear import QuantLinear
 from tersa.quant.replace import is_linear
@@ -42,9 +43,12 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def reference_model(model: nn.Module) -> nn.Module:
-    """The unmodified architecture of ``model`` (from its config), on the meta device."""
+    """The architecture of ``model`` (from its config) with its structured layers, on the meta
+    device: every other module as the config builds it."""
     with init_empty_weights():
-        return type(model)(model.config)
+        reference = type(model)(model.config)
+    place_structured(reference, structured_records(model), "the model being saved")
+    return reference
 
 
 def structural_extras(model: nn.Module, reference: nn.Module) -> dict[str, list[str]]:

@@ -43,6 +43,7 @@ from tersa.quant.replace import find_linears, name_matches, replace_linear
 from tersa.quant.smoothed import effective_input
 from tersa.quant.stage import ACTIVATION_RANGES, QuantizeConfig
 from tersa.registry import register_stage
+from tersa.structured.guard import refuse_structured
 
 OS_INFO = "outlier_suppression"  # ctx.info key: {"alpha", "losses"} of the clipping search
 
@@ -81,6 +82,7 @@ class OsConfig:
 @register_stage("outlier_suppression", OsConfig, kind="transform")
 def outlier_suppression(model: nn.Module, cfg: OsConfig, ctx: StageContext) -> nn.Module:
     """Outlier Suppression: gamma migration, then token-wise clipping of static input ranges."""
+    refuse_structured(model, "outlier_suppression")
     if cfg.gamma_migration:
         migrate_gammas(model, ctx)
     quant = ctx.next_config("quantize")

@@ -76,6 +76,7 @@ from tersa.quant.osplus_score import (
 from tersa.quant.replace import linear_weight, name_matches
 from tersa.quant.scheme import ActivationScheme, WeightScheme
 from tersa.registry import register_stage
+from tersa.structured.guard import refuse_structured
 
 INFO_KEY = "os_plus"
 
@@ -149,6 +150,7 @@ def _target(cfg: OsPlusConfig, ctx: StageContext) -> _Target:
 @register_stage("os_plus", OsPlusConfig, kind="transform")
 def os_plus(model: nn.Module, cfg: OsPlusConfig, ctx: StageContext) -> nn.Module:
     """OS+: shift and scale outlier channels into the weights, searched for the next quantize."""
+    refuse_structured(model, "os_plus")
     target = _target(cfg, ctx)
     prefix = resolve(model, ctx.adapter, ctx.adapter.blocks)
     n_blocks = len(ctx.blocks(model))

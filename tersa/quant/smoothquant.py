@@ -30,6 +30,7 @@ from tersa.quant.fold import fold_scale_pair, migrate_group
 from tersa.quant.replace import linear_weight
 from tersa.quant.smoothed import effective_range
 from tersa.registry import register_stage
+from tersa.structured.guard import refuse_structured
 
 # s is kept inside [1e-5, 1e5] (SmoothQuant's own floor): a wider range only moves rounding error
 # from one side to the other, and a channel that never fires (max |X| = 0) keeps s = 1.
@@ -95,6 +96,7 @@ def reduce_heads(t: torch.Tensor, head_dim: int | None, n_rep: int) -> torch.Ten
 @register_stage("smoothquant", SmoothQuantConfig, kind="transform")
 def smoothquant(model: nn.Module, cfg: SmoothQuantConfig, ctx: StageContext) -> nn.Module:
     """SmoothQuant: per-channel scales migrate activation outliers into the weights."""
+    refuse_structured(model, "smoothquant")
     adapter, config = ctx.adapter, model.config
     groups = adapter.norm_groups_for(config)
     pairs = adapter.scale_pairs if cfg.pairs else ()

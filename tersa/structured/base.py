@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tersa.structured.fit_math import output_error, second_moment
+from tersa.structured.factors import BlockDiagonal, is_float_factor
+from tersa.structured.fit_math import add_ridge, moment_output_error, output_error, second_moment
 
 # Default damping of the calibration second moment, relative to its mean diagonal: enough to make
 # a rank-deficient XᵀX/n (fewer tokens than features, dead channels) invertible, small enough not
@@ -28,11 +29,14 @@ FIT_ITERS = 10
 class StructuredLinear(nn.Module, ABC):
     """Base of the structured replacements for ``nn.Linear(in_features, out_features, bias)``.
 
-    ``forward(x [..., in]) -> [..., out]``. Subclasses hold the factors and implement
-    :meth:`factored`, :meth:`dense_weight`, :meth:`weight_parameters` and :meth:`_fit`.
+    ``forward(x [..., in]) -> [..., out]``. Subclasses hold the factors as child modules (bias-free
+    ``nn.Linear`` or :class:`~tersa.structured.factors.BlockDiagonal`, so that quantization finds
+    and replaces them, see :mod:`tersa.structured.factors`) and implement :meth:`factored`,
+    :meth:`dense_weight`, :meth:`weight_parameters` and :meth:`_fit`.
 
     :param merge_below: token count below which ``forward`` multiplies by the merged dense
-        weight instead of the factors; None never merges.
+        weight instead of the factors; None never merges. Quantized factors always run factored
+        (a merged float copy would undo the compression).
     """
 
     def __init__(
@@ -75,15 +79,28 @@ class StructuredLinear(nn.Module, ABC):
         """Set the factors from a float64 dense weight ``w [out, in]`` and second moment ``c``."""
 
     def factors(self) -> list[nn.Parameter]:
-        """The factor parameters (every parameter but the bias)."""
-        return [p for name, p in self.named_parameters(recurse=False) if name != "bias"]
+        """The float factor parameters (every parameter but the layer's bias)."""
+        return [p for name, p in self.named_parameters() if name != "bias"]
+
+    def factor_linears(self) -> list[nn.Module]:
+        """Every linear of the factors, in order: an ``nn.Linear`` per dense factor and one per
+        block of a block-diagonal one (or whatever quantization put in their place)."""
+        out: list[nn.Module] = []
+        for child in self.children():
+            out.extend(child.linears if isinstance(child, BlockDiagonal) else [child])
+        return out
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any factor linear has been replaced (by a quantized layer)."""
+        return not all(is_float_factor(m) for m in self.factor_linears())
 
     # ------------------------------------------------------------------ forward and pre-merge
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in] -> [..., out]``, by the merged weight when ``tokens < merge_below``."""
         tokens = x.numel() // max(self.in_features, 1)
-        if self.merge_below is not None and tokens < self.merge_below:
+        if self.merge_below is not None and tokens < self.merge_below and not self.quantized:
             return F.linear(x, self.merged_weight(), self.bias)
         out = self.factored(x)
         return out if self.bias is None else out + self.bias
@@ -138,21 +155,51 @@ class StructuredLinear(nn.Module, ABC):
         :param iters: alternating least-squares rounds (block layers, with ``x`` only).
         :returns: ``||X W'ᵀ - X Wᵀ|| / ||X Wᵀ||`` (Frobenius; ``X = I`` without ``x``).
         """
-        shape = (self.out_features, self.in_features)
-        if tuple(weight.shape) != shape:
-            raise ValueError(f"weight must be [out, in] = {list(shape)}, got {list(weight.shape)}")
+        self._check_fit(weight, bias)
         if x is not None and x.shape[-1] != self.in_features:
             raise ValueError(f"x must be [..., {self.in_features}], got {list(x.shape)}")
+        c = None if x is None else second_moment(x.to(weight.device), damp)
+        self._fit(weight.detach().to(torch.float64), c, iters)
+        self._set_bias(bias)
+        return output_error(weight, self.dense_weight(), x)
+
+    @torch.no_grad()
+    def init_from_moment(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        moment: torch.Tensor,
+        *,
+        damp: float = MOMENT_DAMP,
+        iters: int = FIT_ITERS,
+    ) -> float:
+        """:meth:`init_from_dense` from the inputs' second moment ``XᵀX/n`` ``[in, in]`` (undamped)
+        instead of the inputs: the fits only need the moment, which a calibration pass can
+        accumulate without keeping any token. Returns the same relative output error."""
+        self._check_fit(weight, bias)
+        n = self.in_features
+        if tuple(moment.shape) != (n, n):
+            raise ValueError(f"moment must be [in, in] = [{n}, {n}], got {list(moment.shape)}")
+        c = moment.to(weight.device, torch.float64)
+        self._fit(weight.detach().to(torch.float64), add_ridge(c, damp), iters)
+        self._set_bias(bias)
+        return moment_output_error(weight, self.dense_weight(), c)
+
+    def _check_fit(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        shape = (self.out_features, self.in_features)
+        if self.quantized:
+            raise ValueError("cannot fit a structured layer whose factors are quantized")
+        if tuple(weight.shape) != shape:
+            raise ValueError(f"weight must be [out, in] = {list(shape)}, got {list(weight.shape)}")
         if bias is not None and (self.bias is None or tuple(bias.shape) != shape[:1]):
             raise ValueError(
                 f"bias {list(bias.shape)} does not fit a layer with "
                 f"{'no bias' if self.bias is None else f'bias [{self.out_features}]'}"
             )
-        c = None if x is None else second_moment(x.to(weight.device), damp)
-        self._fit(weight.detach().to(torch.float64), c, iters)
+
+    def _set_bias(self, bias: torch.Tensor | None) -> None:
         if self.bias is not None:
             self.bias.copy_(bias if bias is not None else torch.zeros_like(self.bias))
-        return output_error(weight, self.dense_weight(), x)
 
     def reset_bias(self) -> None:
         """``nn.Linear``'s bias init: uniform in ``±1/√in``."""

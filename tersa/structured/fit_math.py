@@ -104,3 +104,15 @@ def output_error(
         x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
         ref, diff = x2 @ w64.t(), x2 @ (f64 - w64).t()
     return float(diff.norm() / ref.norm().clamp_min(torch.finfo(torch.float64).tiny))
+
+
+def moment_output_error(weight: torch.Tensor, fitted: torch.Tensor, c: torch.Tensor) -> float:
+    """:func:`output_error` from the inputs' second moment ``c = XᵀX/n`` ``[N, N]`` instead of
+    the inputs: ``sqrt(tr(E C Eᵀ) / tr(W C Wᵀ))`` with ``E = W' − W`` (the same value, since
+    ``||X Aᵀ||² = n·tr(A C Aᵀ)``)."""
+    w64 = weight.detach().to(torch.float64)
+    e64 = fitted.detach().to(torch.float64) - w64
+    c64 = c.to(w64.device, torch.float64)
+    num = ((e64 @ c64) * e64).sum().clamp_min(0.0)  # [M, N] ⊙ [M, N]: tr(E C Eᵀ)
+    den = ((w64 @ c64) * w64).sum().clamp_min(torch.finfo(torch.float64).tiny)
+    return float((num / den).sqrt())

@@ -10,18 +10,14 @@ with it), FLOPs per token are ``2·params`` (+ ``M`` for the bias):
 
 Each is fitted to a dense weight by :meth:`~tersa.structured.base.StructuredLinear.init_from_dense`
 (optionally on calibration inputs); the factors otherwise start like ``nn.Linear`` weights of their
-shapes.
+shapes. Every factor is a linear module (:mod:`tersa.structured.factors`): a bias-free
+``nn.Linear``, or a :class:`~tersa.structured.factors.BlockDiagonal` of them.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from tersa.kernels.block_diag_matmul import block_diag_matmul
 from tersa.structured.base import StructuredLinear
 from tersa.structured.block_math import (
     block_diag_dense,
@@ -29,6 +25,7 @@ from tersa.structured.block_math import (
     blockshuffle_dense,
     blockshuffle_fit,
 )
+from tersa.structured.factors import BlockDiagonal, bare_linear, factor_weight
 from tersa.structured.fit_math import lowrank_factors
 from tersa.structured.sizes import (
     blockdense_parameters,
@@ -42,18 +39,12 @@ from tersa.structured.sizes import (
 Device = torch.device | str | None
 
 
-def _linear_init(w: torch.Tensor, fan_in: int) -> None:
-    """``nn.Linear``'s default (Kaiming uniform, a=√5): uniform in ``±1/√fan_in``."""
-    bound = 1.0 / math.sqrt(max(fan_in, 1))
-    nn.init.uniform_(w, -bound, bound)
-
-
-def _copy(param: nn.Parameter, value: torch.Tensor) -> None:
-    param.copy_(value.to(param.dtype))
+def _copy(linear: torch.nn.Linear, value: torch.Tensor) -> None:
+    linear.weight.copy_(value.to(linear.weight.dtype))
 
 
 class LowRank(StructuredLinear):
-    """``y = U (V x) + b`` with ``V [rank, in]``, ``U [out, rank]``.
+    """``y = U (V x) + b`` with ``V [rank, in]``, ``U [out, rank]``: the linears ``v`` and ``u``.
 
     ``num_parameters() = rank·(in + out) (+ out)``; ``flops_per_token() = 2·rank·(in + out)
     (+ out)``. The fit is the truncated SVD of ``W``, or of ``W L`` with ``L Lᵀ = XᵀX/n`` when
@@ -73,21 +64,21 @@ class LowRank(StructuredLinear):
         check_lowrank(in_features, out_features, rank)
         super().__init__(in_features, out_features, bias, merge_below, device, dtype)
         self.rank = rank
-        self.v = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
-        self.u = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
-        self.reset_parameters()
+        self.v = bare_linear(in_features, rank, device, dtype)
+        self.u = bare_linear(rank, out_features, device, dtype)
+        self.reset_bias()
 
     def reset_parameters(self) -> None:
         """Each factor like an ``nn.Linear`` of its shape; the bias like the dense layer's."""
-        _linear_init(self.v, self.in_features)
-        _linear_init(self.u, self.rank)
+        self.v.reset_parameters()
+        self.u.reset_parameters()
         self.reset_bias()
 
     def factored(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.v), self.u)  # [..., rank] -> [..., out]
+        return self.u(self.v(x))  # [..., rank] -> [..., out]
 
     def dense_weight(self) -> torch.Tensor:
-        return self.u @ self.v
+        return factor_weight(self.u) @ factor_weight(self.v)
 
     def weight_parameters(self) -> int:
         return lowrank_parameters(self.in_features, self.out_features, self.rank)
@@ -105,7 +96,8 @@ class LowRank(StructuredLinear):
 
 class BlockDense(StructuredLinear):
     """``y = U (V_b x) + b``: ``V_b`` block diagonal, ``blocks`` blocks ``[rank/blocks,
-    in/blocks]``, then a dense ``U [out, rank]``.
+    in/blocks]`` (the :class:`~tersa.structured.factors.BlockDiagonal` ``v``), then a dense
+    ``U [out, rank]`` (the linear ``u``).
 
     ``num_parameters() = rank·(out + in/blocks) (+ out)``; ``flops_per_token()`` is twice that
     (+ out). ``blocks`` must divide ``in`` and ``rank``. The fit: per-block (weighted) SVDs of
@@ -127,22 +119,21 @@ class BlockDense(StructuredLinear):
         check_blockdense(in_features, out_features, rank, blocks)
         super().__init__(in_features, out_features, bias, merge_below, device, dtype)
         self.rank, self.blocks = rank, blocks
-        shape = (blocks, rank // blocks, in_features // blocks)
-        self.v = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
-        self.u = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
-        self.reset_parameters()
+        self.v = BlockDiagonal(blocks, in_features, rank, device, dtype)
+        self.u = bare_linear(rank, out_features, device, dtype)
+        self.reset_bias()
 
     def reset_parameters(self) -> None:
         """Each factor like an ``nn.Linear`` of its (block) shape; the bias like the dense one's."""
-        _linear_init(self.v, self.in_features // self.blocks)
-        _linear_init(self.u, self.rank)
+        self.v.reset_parameters()
+        self.u.reset_parameters()
         self.reset_bias()
 
     def factored(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(block_diag_matmul(x, self.v), self.u)  # [..., rank] -> [..., out]
+        return self.u(self.v(x))  # [..., rank] -> [..., out]
 
     def dense_weight(self) -> torch.Tensor:
-        return self.u @ block_diag_dense(self.v)
+        return factor_weight(self.u) @ block_diag_dense(self.v.stacked_weight())
 
     def weight_parameters(self) -> int:
         n, m = self.in_features, self.out_features
@@ -151,7 +142,7 @@ class BlockDense(StructuredLinear):
     def _fit(self, w: torch.Tensor, c: torch.Tensor | None, iters: int) -> None:
         u, v = blockdense_fit(w, self.rank, self.blocks, c, iters)
         _copy(self.u, u)
-        _copy(self.v, v)
+        self.v.copy_(v)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, " + (
@@ -162,7 +153,8 @@ class BlockDense(StructuredLinear):
 class BlockShuffle(StructuredLinear):
     """``y = f⁻¹(W2_b f(W1_b x)) + b``: two block diagonals around a stride shuffle (Monarch).
 
-    With ``D = min(in, out)`` and ``B = blocks``: ``w1 [B, D/B, in/B]`` maps ``x`` to ``h [D]``;
+    With ``D = min(in, out)`` and ``B = blocks`` (both factors are
+    :class:`~tersa.structured.factors.BlockDiagonal`): ``w1 [B, D/B, in/B]`` maps ``x`` to ``h [D]``;
     ``f`` regroups ``h`` by stride (block ``j`` takes features ``j, j+B, ...``, so every
     second-stage block sees every first-stage block); ``w2 [B, out/B, D/B]`` maps that to ``o``,
     and ``f⁻¹`` interleaves the output blocks (``y[i·B + j] = o[j·out/B + i]``), as in the
@@ -188,35 +180,34 @@ class BlockShuffle(StructuredLinear):
         super().__init__(in_features, out_features, bias, merge_below, device, dtype)
         self.blocks = blocks
         self.mid_features = min(in_features, out_features)
-        d, b = self.mid_features // blocks, blocks
-        kw = {"device": device, "dtype": dtype}
-        self.w1 = nn.Parameter(torch.empty(b, d, in_features // b, **kw))
-        self.w2 = nn.Parameter(torch.empty(b, out_features // b, d, **kw))
-        self.reset_parameters()
+        d = self.mid_features
+        self.w1 = BlockDiagonal(blocks, in_features, d, device, dtype)
+        self.w2 = BlockDiagonal(blocks, d, out_features, device, dtype)
+        self.reset_bias()
 
     def reset_parameters(self) -> None:
         """Each block like an ``nn.Linear`` of its shape; the bias like the dense layer's."""
-        _linear_init(self.w1, self.in_features // self.blocks)
-        _linear_init(self.w2, self.mid_features // self.blocks)
+        self.w1.reset_parameters()
+        self.w2.reset_parameters()
         self.reset_bias()
 
     def factored(self, x: torch.Tensor) -> torch.Tensor:
         b, d = self.blocks, self.mid_features
-        h = block_diag_matmul(x, self.w1)  # [..., D]
+        h = self.w1(x)  # [..., D]
         z = h.unflatten(-1, (d // b, b)).transpose(-1, -2).flatten(-2)  # f: z[j, i] = h[i·B + j]
-        o = block_diag_matmul(z, self.w2)  # [..., out], block-major
+        o = self.w2(z)  # [..., out], block-major
         return o.unflatten(-1, (b, self.out_features // b)).transpose(-1, -2).flatten(-2)  # f⁻¹
 
     def dense_weight(self) -> torch.Tensor:
-        return blockshuffle_dense(self.w1, self.w2)
+        return blockshuffle_dense(self.w1.stacked_weight(), self.w2.stacked_weight())
 
     def weight_parameters(self) -> int:
         return blockshuffle_parameters(self.in_features, self.out_features, self.blocks)
 
     def _fit(self, w: torch.Tensor, c: torch.Tensor | None, iters: int) -> None:
         w1, w2 = blockshuffle_fit(w, self.blocks, c, iters)
-        _copy(self.w1, w1)
-        _copy(self.w2, w2)
+        self.w1.copy_(w1)
+        self.w2.copy_(w2)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, blocks={self.blocks}, " + (

@@ -69,18 +69,20 @@ def test_forward_is_the_dense_product(kind: str, n: int, m: int) -> None:
 
 def test_dense_weights_from_the_factors() -> None:
     lr, bd, bs = make("lowrank", 12, 18), make("blockdense", 12, 18), make("blockshuffle", 12, 18)
-    torch.testing.assert_close(lr.dense_weight(), lr.u @ lr.v)
-    torch.testing.assert_close(bd.dense_weight(), bd.u @ block_diag_dense(bd.v))
-    assert bd.v.shape == (2, 2, 6) and bd.u.shape == (18, 4)
-    assert bs.w1.shape == (2, 6, 6) and bs.w2.shape == (2, 9, 6)
+    torch.testing.assert_close(lr.dense_weight(), lr.u.weight @ lr.v.weight)
+    bd_v, bd_u = bd.v.stacked_weight(), bd.u.weight
+    torch.testing.assert_close(bd.dense_weight(), bd_u @ block_diag_dense(bd_v))
+    assert bd_v.shape == (2, 2, 6) and bd_u.shape == (18, 4)
+    w1, w2 = bs.w1.stacked_weight(), bs.w2.stacked_weight()
+    assert w1.shape == (2, 6, 6) and w2.shape == (2, 9, 6)
     # the shuffle of the reference code: y = f⁻¹(W2 f(W1 x)) computed by hand for one x
     x = torch.randn(12, dtype=F64)
-    h = torch.cat([bs.w1[k] @ x[6 * k : 6 * k + 6] for k in range(2)])  # [12]
+    h = torch.cat([w1[k] @ x[6 * k : 6 * k + 6] for k in range(2)])  # [12]
     z = torch.cat([h[j::2] for j in range(2)])  # block j: every 2nd feature from j
-    o = torch.cat([bs.w2[j] @ z[6 * j : 6 * j + 6] for j in range(2)])  # [18]
+    o = torch.cat([w2[j] @ z[6 * j : 6 * j + 6] for j in range(2)])  # [18]
     y = torch.stack([o[j * 9 + i] for i in range(9) for j in range(2)])  # y[2i + j] = o[9j + i]
     torch.testing.assert_close(bs.factored(x), y)
-    torch.testing.assert_close(blockshuffle_dense(bs.w1, bs.w2) @ x, y)
+    torch.testing.assert_close(blockshuffle_dense(w1, w2) @ x, y)
 
 
 def test_gradients_reach_the_factors() -> None:
@@ -165,7 +167,7 @@ def test_fit_into_a_bf16_layer() -> None:
     w = torch.randn(16, 12)
     layer = BlockShuffle(12, 16, 2, dtype=torch.bfloat16)
     err = layer.init_from_dense(w, x=torch.randn(32, 12))
-    assert layer.w1.dtype == torch.bfloat16 and err < 1.0
+    assert layer.w1.linears[0].weight.dtype == torch.bfloat16 and err < 1.0
 
 
 def test_fit_error_messages() -> None:
