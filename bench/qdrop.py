@@ -72,9 +72,6 @@ def main() -> None:
     p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cell:
-        from tersa.sysinfo import return_freed_memory
-
-        return_freed_memory()  # as the tersa CLI does
         cell = run_cell(*args.cell, args.max_windows, args.baseline)
         print("CELL " + json.dumps(cell), flush=True)
         return

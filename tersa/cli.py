@@ -71,9 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for any user error, with one message)."""
     args = _parser().parse_args(argv)
     _quiet_libraries()
-    from tersa.sysinfo import return_freed_memory
-
-    return_freed_memory()
     try:
         from tersa import commands
 
