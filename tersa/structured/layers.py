@@ -17,6 +17,7 @@ shapes. Every factor is a linear module (:mod:`tersa.structured.factors`): a bia
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from tersa.structured.base import StructuredLinear
 from tersa.structured.block_math import (
@@ -43,7 +44,23 @@ def _copy(linear: torch.nn.Linear, value: torch.Tensor) -> None:
     linear.weight.copy_(value.to(linear.weight.dtype))
 
 
-class LowRank(StructuredLinear):
+class _ThroughRank(StructuredLinear):
+    """``y = u(v(x)) + b``: a factor ``v`` into ``rank`` features, then a dense ``u``."""
+
+    v: nn.Module
+    u: nn.Module
+
+    def reset_parameters(self) -> None:
+        """Each factor like an ``nn.Linear`` of its (block) shape; the bias like the dense one's."""
+        self.v.reset_parameters()
+        self.u.reset_parameters()
+        self.reset_bias()
+
+    def factored(self, x: torch.Tensor) -> torch.Tensor:
+        return self.u(self.v(x))  # [..., rank] -> [..., out]
+
+
+class LowRank(_ThroughRank):
     """``y = U (V x) + b`` with ``V [rank, in]``, ``U [out, rank]``: the linears ``v`` and ``u``.
 
     ``num_parameters() = rank·(in + out) (+ out)``; ``flops_per_token() = 2·rank·(in + out)
@@ -68,15 +85,6 @@ class LowRank(StructuredLinear):
         self.u = bare_linear(rank, out_features, device, dtype)
         self.reset_bias()
 
-    def reset_parameters(self) -> None:
-        """Each factor like an ``nn.Linear`` of its shape; the bias like the dense layer's."""
-        self.v.reset_parameters()
-        self.u.reset_parameters()
-        self.reset_bias()
-
-    def factored(self, x: torch.Tensor) -> torch.Tensor:
-        return self.u(self.v(x))  # [..., rank] -> [..., out]
-
     def dense_weight(self) -> torch.Tensor:
         return factor_weight(self.u) @ factor_weight(self.v)
 
@@ -94,7 +102,7 @@ class LowRank(StructuredLinear):
         )
 
 
-class BlockDense(StructuredLinear):
+class BlockDense(_ThroughRank):
     """``y = U (V_b x) + b``: ``V_b`` block diagonal, ``blocks`` blocks ``[rank/blocks,
     in/blocks]`` (the :class:`~tersa.structured.factors.BlockDiagonal` ``v``), then a dense
     ``U [out, rank]`` (the linear ``u``).
@@ -122,15 +130,6 @@ class BlockDense(StructuredLinear):
         self.v = BlockDiagonal(blocks, in_features, rank, device, dtype)
         self.u = bare_linear(rank, out_features, device, dtype)
         self.reset_bias()
-
-    def reset_parameters(self) -> None:
-        """Each factor like an ``nn.Linear`` of its (block) shape; the bias like the dense one's."""
-        self.v.reset_parameters()
-        self.u.reset_parameters()
-        self.reset_bias()
-
-    def factored(self, x: torch.Tensor) -> torch.Tensor:
-        return self.u(self.v(x))  # [..., rank] -> [..., out]
 
     def dense_weight(self) -> torch.Tensor:
         return factor_weight(self.u) @ block_diag_dense(self.v.stacked_weight())
