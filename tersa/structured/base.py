@@ -99,9 +99,10 @@ class StructuredLinear(nn.Module, ABC):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in] -> [..., out]``, by the merged weight when ``tokens < merge_below``."""
-        tokens = x.numel() // max(self.in_features, 1)
-        if self.merge_below is not None and tokens < self.merge_below and not self.quantized:
-            return F.linear(x, self.merged_weight(), self.bias)
+        if self.merge_below is not None and x.numel() < self.merge_below * self.in_features:
+            key = self._merge_key()
+            if key is not None:  # float factors (quantized ones compute through their kernels)
+                return F.linear(x, self._merged_for(key), self.bias)
         out = self.factored(x)
         return out if self.bias is None else out + self.bias
 
@@ -109,13 +110,28 @@ class StructuredLinear(nn.Module, ABC):
         """``W' [out, in]``, cached while the factors are unchanged.
 
         The cache key is each factor's storage and in-place version counter, so optimizer steps,
-        ``load_state_dict`` and device moves rebuild it. When autograd needs gradients of the
-        factors the product is recomputed (uncached) so that they flow through it.
+        ``load_state_dict``, device moves and replaced factors rebuild it. When autograd needs
+        gradients of the factors the product is recomputed (uncached) so that they flow through it.
         """
-        params = self.factors()
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        key = self._merge_key()
+        return self.dense_weight() if key is None else self._merged_for(key)
+
+    def _merge_key(self) -> tuple[tuple[int, int], ...] | None:
+        """``(storage, version)`` of every factor weight, or None when a factor is not a float linear.
+
+        One pass over the factor linears' own attributes: this runs on every pre-merged call, where
+        a ``named_parameters`` walk would cost more than a one-token matmul.
+        """
+        key = []
+        for m in self.factor_linears():
+            if not is_float_factor(m):
+                return None
+            key.append((m.weight.data_ptr(), m.weight._version))
+        return tuple(key)
+
+    def _merged_for(self, key: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.factors()):
             return self.dense_weight()
-        key = tuple((p.data_ptr(), p._version) for p in params)
         if self._merged is None or key != self._merged_key:
             with torch.no_grad():
                 self._merged = self.dense_weight()
