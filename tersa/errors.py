@@ -28,3 +28,7 @@ class DataError(TersaError):
 
 class ExportError(TersaError):
     """An export folder cannot be written or read back."""
+
+
+class ContainerError(ExportError):
+    """A lossless container (``model.tersa``) is malformed, corrupt, truncated or over a limit."""

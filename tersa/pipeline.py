@@ -243,7 +243,7 @@ def _write_output(
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         if recipe.export.model:
-            save_export(model, tmp)
+            save_export(model, tmp, lossless=recipe.export.lossless)
         if recipe.export.tokenizer:
             tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))

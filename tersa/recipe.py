@@ -72,6 +72,10 @@ class ExportConfig:
 
     model: Annotated[Bool, Field(description="write the compressed model (safetensors)")] = True
     tokenizer: Annotated[Bool, Field(description="write the tokenizer next to it")] = True
+    lossless: Annotated[
+        Bool,
+        Field(description="entropy-code the tensors into model.tersa (tersa loads it, not HF)"),
+    ] = False
 
 
 @dataclass(config=STRICT)
@@ -138,6 +142,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with keys {', '.join(_TOP_KEYS)}")
     data = dict(data)
+    if "training" in data and "stages" not in data:
+        raise RecipeError(f"{source}: this is a training recipe; run it with `tersa train`")
     if "model" not in data:
         raise RecipeError(f"{source}: missing key 'model' (embedded:smollm2-135m or a folder)")
     problems: list[str] = []

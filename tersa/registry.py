@@ -27,6 +27,7 @@ _BUILTIN_MODULES = (
     "tersa.quant.os",
     "tersa.quant.osplus",
     "tersa.structured.stage",
+    "tersa.compress.l2.stage",
 )
 
 _REGISTRY: dict[str, Stage] = {}

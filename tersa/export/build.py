@@ -20,6 +20,7 @@ from torch import nn
 
 from tersa.errors import ExportError
 from tersa.export.format import NATIVE
+from tersa.export.l2 import place_l2
 from tersa.export.layout import TensorSpec, stage, unstage
 from tersa.export.qconfig import ExportPlan, Group
 from tersa.export.structured import place_structured
@@ -38,7 +39,8 @@ _SAFETENSORS_DTYPES = {
 def place_modules(model: nn.Module, plan: ExportPlan, where: str) -> dict[str, str]:
     """Swap the plan's modules into ``model`` (built on the meta device).
 
-    Structured layers go first: quantized factors are named inside them.
+    Structured layers go first: quantized factors are named inside them. L2 layers go after
+    the added biases (an L2 layer keeps its linear's bias).
 
     :returns: ``{name: layout}`` of every quantized linear placed, for :func:`finish_modules`.
     """
@@ -48,6 +50,7 @@ def place_modules(model: nn.Module, plan: ExportPlan, where: str) -> dict[str, s
     if unknown:
         raise ExportError(f"'{where}': tersa.smooth names layers that are not quantized: {unknown}")
     _add_structure(model, plan.extras, where)
+    place_l2(model, plan.l2, where)
     placed: dict[str, str] = {}
     for name, group in matched.items():
         _swap_group_layer(model, name, group, plan.smooth.get(name))

@@ -81,6 +81,19 @@ weight missing (randomly initialised). The ``tersa`` key holds, besides ``format
   ``NAME.w2.linears.K.weight`` (BlockShuffle), plus ``NAME.bias``. A quantized factor is a
   quantized layer like any other (a config group target or a ``layers`` entry) at its own name;
   loaders place the structured layers first (see :mod:`tersa.export.structured`).
+- ``l2``: ``{NAME: {"in_features", "out_features", "bias", "codes_dtype"}}``, L2 layers
+  (:class:`~tersa.compress.l2.layer.L2Linear`) in place of the linear ``NAME``:
+  ``NAME.weight_codes`` ``[out, in]`` integer codes (``codes_dtype``: int8, int16 or int32),
+  ``NAME.edge`` and ``NAME.step`` ``[1]``, ``NAME.bias``; code ``k`` stands for
+  ``sign(k)(|e| + (|k| − ½)|Δ|)`` and 0 for 0 (see :mod:`tersa.export.l2`).
+
+- ``lossless``: ``{"file": "model.tersa", "version": 1}`` when the recipe set
+  ``export: {lossless: true}``: the tensors (the same names, dtypes and shapes as above) are
+  entropy-coded into that container (:mod:`tersa.compress.lossless`) instead of
+  ``model.safetensors``. ``quant_method`` is then ``tersa`` (a model with nothing quantized gets a
+  ``dense`` config with no groups), so no other loader reads the folder. Only
+  :func:`tersa.export.load.load_export` decodes it (on the CPU); the transformers quantizer refuses
+  it with a message naming ``load_export``.
 
 Loading (:func:`tersa.export.load.load_export` and the transformers quantizer) builds the model on
 the meta device, swaps in the modules the config names, checks every stored tensor's shape and dtype
@@ -111,6 +124,8 @@ NATIVE = "tersa"
 CT_FORMATS = (PACK_QUANTIZED, INT_QUANTIZED, DENSE)
 MIXED = "mixed-precision"
 WEIGHTS_FILE = "model.safetensors"
+LOSSLESS_KEY = "lossless"
+LOSSLESS_FILE = "model.tersa"  # tersa.compress.lossless.spec.CONTAINER_FILE
 CONFIG_FILE = "config.json"
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"

@@ -5,7 +5,8 @@ on a tersa-form export swaps :class:`~tersa.quant.qlinear.QuantLinear` (packed w
 norms and the other extensions into the model transformers builds on the meta device, checks the
 stored tensors' shapes and dtypes against them (from the safetensors headers), lets transformers
 assign the tensors, and converts compressed-tensors layouts to tersa's. Saving such a model back
-with ``save_pretrained`` is not supported: use :func:`tersa.export.save.save_export`.
+with ``save_pretrained`` is not supported: use :func:`tersa.export.save.save_export`. A lossless
+export (tensors entropy-coded in ``model.tersa``) is refused up front, naming ``load_export``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from tersa.errors import ExportError
-from tersa.export.format import TERSA_METHOD
+from tersa.export.format import LOSSLESS_FILE, LOSSLESS_KEY, TERSA_KEY, TERSA_METHOD
 
 # ``import tersa`` imports this module; tersa.export.build (compressed-tensors, tersa.quant) is
 # imported by the methods instead, so that only loading an export pays for it.
@@ -49,6 +50,16 @@ class TersaHfQuantizer(HfQuantizer):
         self._placed: dict[str, str] = {}
         self._where = "the export"
 
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        """Refuse a lossless export before transformers looks for ``model.safetensors``."""
+        section = getattr(self.quantization_config, TERSA_KEY, None)
+        if isinstance(section, dict) and LOSSLESS_KEY in section:
+            raise ExportError(
+                f"this export stores its tensors entropy-coded in {LOSSLESS_FILE} "
+                "(export: {lossless: true}), which transformers cannot read; load it with "
+                "tersa.export.load.load_export(folder)"
+            )
+
     def _process_model_before_weight_loading(
         self, model: nn.Module, checkpoint_files: list[str] | None = None, **kwargs: Any
     ) -> None:
@@ -58,9 +69,9 @@ class TersaHfQuantizer(HfQuantizer):
         self._where = str(getattr(model.config, "name_or_path", "") or "the export")
         plan = read_plan(self.quantization_config.to_dict(), self._where)
         self._placed = place_modules(model, plan, self._where)
-        extras = {**plan.extras, "structured": list(plan.structured)}
+        extras = {**plan.extras, "structured": list(plan.structured), "l2": list(plan.l2)}
         self._check_checkpoint(model, extras, checkpoint_files or [])
-        _skip_parent_init(model, [*self._placed, *plan.structured])
+        _skip_parent_init(model, [*self._placed, *plan.structured, *plan.l2])
 
     def _check_checkpoint(
         self, model: nn.Module, extras: dict[str, list[str]], files: list[str]

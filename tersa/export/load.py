@@ -2,7 +2,8 @@
 
 The model is built with empty (meta) parameters, the modules the config names are swapped in
 (:mod:`tersa.export.build`), every stored tensor's shape and dtype is checked against them, and the
-safetensors tensors are assigned in place, so no second copy of the weights is ever allocated.
+safetensors tensors are assigned in place, so no second copy of the weights is ever allocated (a
+lossless export's ``model.tersa`` is decoded into memory first, then assigned the same way).
 Quantized linears stored in a compressed-tensors layout are then converted to tersa's, one layer at
 a time.
 """
@@ -19,9 +20,18 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
+from tersa.compress.lossless import read_container
+from tersa.compress.lossless.spec import SUPPORTED_VERSIONS as LOSSLESS_VERSIONS
 from tersa.errors import ExportError
 from tersa.export.build import check_tensor_specs, finish_modules, place_modules, tensor_specs
-from tersa.export.format import CONFIG_FILE, TERSA_KEY, TERSA_METHOD, WEIGHTS_FILE
+from tersa.export.format import (
+    CONFIG_FILE,
+    LOSSLESS_FILE,
+    LOSSLESS_KEY,
+    TERSA_KEY,
+    TERSA_METHOD,
+    WEIGHTS_FILE,
+)
 from tersa.export.qconfig import read_plan
 from tersa.models.load import auto_class
 
@@ -64,13 +74,37 @@ def load_export(folder: str | Path) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         model = auto.from_config(config, dtype=dtype)
     placed = place_modules(model, read_plan(qc, str(folder)), str(folder)) if qc else {}
-    tensors = _read_tensors(folder / WEIGHTS_FILE)
+    if lossless_file(qc, str(folder)):
+        tensors, _ = read_container(folder / LOSSLESS_FILE)
+    else:
+        tensors = _read_tensors(folder / WEIGHTS_FILE)
     _check_tensors(model, tensors, folder)
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     _check_materialized(model, folder)
     finish_modules(model, placed, str(folder))
     return model.eval()
+
+
+def lossless_file(qc: object, where: str) -> str | None:
+    """``model.tersa`` when ``quantization_config.tersa.lossless`` says the tensors are in the
+    lossless container (checked: that file name and a container version this tersa reads)."""
+    section = qc.get(TERSA_KEY) if isinstance(qc, dict) else None
+    record = section.get(LOSSLESS_KEY) if isinstance(section, dict) else None
+    if record is None:
+        return None
+    if not isinstance(record, dict) or record.get("file") != LOSSLESS_FILE:
+        raise ExportError(
+            f"'{where}': quantization_config.tersa.lossless must be "
+            f'{{"file": "{LOSSLESS_FILE}", "version": N}}, not {record!r}; re-export the model'
+        )
+    if record.get("version") not in LOSSLESS_VERSIONS:
+        raise ExportError(
+            f"'{where}' stores its tensors in lossless container version "
+            f"{record.get('version')!r}; this tersa reads "
+            f"{', '.join(map(str, LOSSLESS_VERSIONS))} — upgrade tersa"
+        )
+    return LOSSLESS_FILE
 
 
 def _build_config(raw: dict[str, Any], folder: Path) -> PretrainedConfig:

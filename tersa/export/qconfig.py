@@ -29,6 +29,7 @@ from tersa.export.format import (
     TERSA_KEY,
     TERSA_METHOD,
 )
+from tersa.export.l2 import l2_records
 from tersa.export.structured import structured_records
 from tersa.quant.qlinear import QuantLinear
 from tersa.quant.scheme import ActivationScheme, WeightScheme
@@ -56,7 +57,8 @@ class ExportPlan:
 
     ``native``: ``{name: record}`` of layers stored in tersa's layout; ``smooth``: ``{name: kind}``
     of quantized layers with an input transform; ``extras``: the lists of :data:`EXTRA_KEYS`;
-    ``structured``: ``{name: record}`` of structured layers (:mod:`tersa.export.structured`).
+    ``structured``: ``{name: record}`` of structured layers (:mod:`tersa.export.structured`);
+    ``l2``: ``{name: record}`` of L2 layers (:mod:`tersa.export.l2`).
     """
 
     quant_method: str
@@ -66,6 +68,7 @@ class ExportPlan:
     smooth: dict[str, str] = field(default_factory=dict)
     extras: dict[str, list[str]] = field(default_factory=dict)
     structured: dict[str, Any] = field(default_factory=dict)
+    l2: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -83,7 +86,8 @@ def build_quantization_config(
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     extras = {k: v for k, v in extras.items() if v}
     structured = structured_records(model)
-    if not layers and not extras and not structured:
+    l2 = l2_records(model)
+    if not layers and not extras and not structured and not l2:
         return None
     by_scheme: dict[str, list[str]] = {}
     native: dict[str, dict[str, Any]] = {}
@@ -105,10 +109,10 @@ def build_quantization_config(
     )
     smooth = {n: m.smooth for n, m in layers.items() if m.smooth is not None}
     tersa: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
-    parts = (("layers", native), ("smooth", smooth), ("structured", structured))
+    parts = (("layers", native), ("smooth", smooth), ("structured", structured), ("l2", l2))
     tersa.update({k: v for k, v in parts if v})
     tersa.update(extras)
-    tersa_only = bool(native or smooth or extras or structured)
+    tersa_only = bool(native or smooth or extras or structured or l2)
     # A loader that knows compressed-tensors but not tersa would drop what only tersa knows and
     # build another model; quant_method "tersa" keeps it from using this config at all.
     qc = {"quant_method": TERSA_METHOD if tersa_only else CT_METHOD}
@@ -165,7 +169,7 @@ def read_plan(qc: Any, where: str) -> ExportPlan:
         plan.groups.append(Group(name, scheme, weights, activations))
     _read_tersa_section(plan, tersa, where)
     if plan.quant_method == CT_METHOD and (
-        plan.native or plan.smooth or plan.extras or plan.structured
+        plan.native or plan.smooth or plan.extras or plan.structured or plan.l2
     ):
         raise ExportError(
             f"'{where}' has tersa-only parts but quant_method '{CT_METHOD}', so other loaders "
@@ -222,17 +226,18 @@ def _ct_config(qc: dict[str, Any], where: str) -> QuantizationConfig:
 
 def _read_tersa_section(plan: ExportPlan, section: dict[str, Any], where: str) -> None:
     layers, smooth = section.get("layers", {}), section.get("smooth", {})
-    structured = section.get("structured", {})
+    structured, l2 = section.get("structured", {}), section.get("l2", {})
     extras = {k: section.get(k, []) for k in EXTRA_KEYS}
     ok = (
         isinstance(layers, dict)
         and all(isinstance(v, dict) for v in layers.values())
         and isinstance(structured, dict)
+        and isinstance(l2, dict)
         and isinstance(smooth, dict)
         and all(v in ("scale", "scale_shift") for v in smooth.values())
         and all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in extras.values())
     )
     if not ok:
         raise ExportError(f"'{where}': quantization_config.tersa is malformed; re-export the model")
-    plan.native, plan.smooth, plan.structured = layers, smooth, structured
+    plan.native, plan.smooth, plan.structured, plan.l2 = layers, smooth, structured, l2
     plan.extras = {k: v for k, v in extras.items() if v}

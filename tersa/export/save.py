@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
+from compressed_tensors.quantization import QuantizationConfig
 from safetensors.torch import save_file
 from torch import nn
 
-from tersa.export.format import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
+from tersa.compress.l2.layer import L2Linear
+from tersa.compress.lossless import VERSION as LOSSLESS_VERSION
+from tersa.compress.lossless import write_container
+from tersa.export.format import (
+    CONFIG_FILE,
+    DENSE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LOSSLESS_FILE,
+    LOSSLESS_KEY,
+    TERSA_KEY,
+    TERSA_METHOD,
+    WEIGHTS_FILE,
+)
 from tersa.export.layout import stored_tensors
 from tersa.export.qconfig import build_quantization_config, layer_layouts
 from tersa.export.structured import place_structured, structured_records
@@ -64,7 +79,7 @@ def structural_extras(model: nn.Module, reference: nn.Module) -> dict[str, list[
     biases = [
         n
         for n, m in model.named_modules()
-        if (is_linear(m) or isinstance(m, QuantLinear))
+        if (is_linear(m) or isinstance(m, QuantLinear | L2Linear))
         and m.bias is not None
         and f"{n}.bias" not in ref_keys
     ]
@@ -90,8 +105,26 @@ def export_tensors(model: nn.Module, layouts: dict[str, str]) -> dict[str, torch
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
-def save_export(model: nn.Module, folder: Path) -> int:
-    """Write ``model.safetensors`` and ``config.json`` into ``folder``; returns the tensor bytes.
+def lossless_config(model: nn.Module, qc: dict[str, Any] | None) -> dict[str, Any]:
+    """``qc`` (or a ``dense`` tersa config when nothing is quantized) marked as stored in the
+    lossless container: ``quant_method: tersa`` and ``tersa.lossless``."""
+    if qc is None:
+        ct = QuantizationConfig(
+            config_groups={},
+            format=DENSE,
+            quantization_status="compressed",
+            ignore=[n for n, m in model.named_modules() if isinstance(m, nn.Linear)],
+        )
+        qc = {**ct.model_dump(mode="json", exclude={"quant_method"})}
+        qc[TERSA_KEY] = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
+    qc["quant_method"] = TERSA_METHOD  # no compressed-tensors loader may look for safetensors
+    qc[TERSA_KEY][LOSSLESS_KEY] = {"file": LOSSLESS_FILE, "version": LOSSLESS_VERSION}
+    return qc
+
+
+def save_export(model: nn.Module, folder: Path, lossless: bool = False) -> int:
+    """Write ``model.safetensors`` (or, ``lossless``, ``model.tersa``) and ``config.json`` into
+    ``folder``; returns the bytes the tensors take on disk (the container's size when lossless).
 
     See :mod:`tersa.export.format` for the layout.
     """
@@ -99,11 +132,14 @@ def save_export(model: nn.Module, folder: Path) -> int:
     qc = build_quantization_config(model, reference, structural_extras(model, reference))
     layouts = layer_layouts(qc) if qc else {}
     tensors = export_tensors(model, layouts)
-    save_file(
-        tensors,
-        folder / WEIGHTS_FILE,
-        metadata={"format": "pt", "tersa_version": str(FORMAT_VERSION)},
-    )
+    metadata = {"format": "pt", "tersa_version": str(FORMAT_VERSION)}
+    if lossless:
+        qc = lossless_config(model, qc)
+        write_container(folder / LOSSLESS_FILE, tensors, metadata)
+        size = (folder / LOSSLESS_FILE).stat().st_size
+    else:
+        save_file(tensors, folder / WEIGHTS_FILE, metadata=metadata)
+        size = tensor_bytes(tensors)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     if qc:
@@ -112,4 +148,4 @@ def save_export(model: nn.Module, folder: Path) -> int:
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(folder)
-    return tensor_bytes(tensors)
+    return size
