@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test lint format install clean models
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,22 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/tersa run tersa/recipes/default.yaml --output out/demo --overwrite
+
+# The RAT+ model and its attention twin (tersa/recipes/*-shakespeare.yaml) in tersa's cache, where
+# `trained:ratplus-shakespeare` / `trained:attention-shakespeare` find them. A model already there
+# is kept (delete its folder to retrain); an interrupted training resumes from its checkpoint.
+MODELS_DIR := $(or $(TERSA_CACHE),$(HOME)/.cache/tersa)/models
+TRAINED := ratplus-shakespeare attention-shakespeare
+
+models: $(STAMP)
+	@for name in $(TRAINED); do \
+	  if [ -f "$(MODELS_DIR)/$$name/config.json" ]; then \
+	    echo "$$name: already in $(MODELS_DIR)/$$name"; \
+	  else \
+	    $(BIN)/tersa train tersa/recipes/$$name.yaml --output "$(MODELS_DIR)/$$name" --resume \
+	      || exit 1; \
+	  fi; \
+	done
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,4 +1,4 @@
-"""The ``tersa`` command line: run recipes, evaluate, inspect exports, list stages."""
+"""The ``tersa`` command line: run recipes, train RAT+ models, evaluate, inspect, list stages."""
 
 from __future__ import annotations
 
@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ev.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    tr = sub.add_parser("train", help="train a RAT+ model or its attention twin from a recipe")
+    tr.add_argument("recipe", help="training recipe YAML (tersa/recipes/*-shakespeare.yaml)")
+    tr.add_argument("--output", "-o", help="output folder (default: out/<recipe name>)")
+    tr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    tr.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint of this recipe"
+    )
+    tr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     ins = sub.add_parser("inspect", help="size, bits per parameter and per-layer table of a folder")
     ins.add_argument("folder", help="an export or model folder")

@@ -32,6 +32,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from tersa.kv.train import load_train_recipe, train
+
+    recipe = load_train_recipe(args.recipe)
+    output = Path(args.output) if args.output else Path("out") / Path(args.recipe).stem
+    result = train(
+        recipe, output, resume=args.resume, overwrite=args.overwrite, reporter=Reporter(args.quiet)
+    )
+    if result.metrics:  # process 0 of a DDP run, or a single process
+        stdout.print(train_table(result.metrics))
+        stdout.print(f"wrote {output}")
+    return 0
+
+
+def train_table(metrics: dict) -> Table:
+    """Steps, tokens, time and the final losses of a training run."""
+    table = Table(title=f"tersa train: {metrics['attention']}, {metrics['params']:,} parameters")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    last = metrics["log"][-1] if metrics["log"] else {}
+    rows = [
+        ("steps", f"{metrics['steps']:,}"),
+        ("tokens", f"{metrics['tokens']:,}"),
+        ("time", f"{metrics['wall_s']:.1f} s, training {metrics['train_s']:.1f} s"),
+        ("training speed", f"{metrics['tokens_per_s']:.0f} tokens/s"),
+        ("last train loss", f"{last['loss']:.4f}" if last else "-"),
+    ]
+    if "loss_sparse" in last:
+        rows.append(("last train loss, joint sparse step", f"{last['loss_sparse']:.4f}"))
+    for name, value in metrics["eval"].items():
+        if isinstance(value, float):  # nll_dense, nll_joint, nll_adapt
+            rows.append((f"held-out {name.replace('_', ' ')}", f"{value:.4f}"))
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def summary_table(metrics: dict) -> Table:
     """Baseline vs compressed (perplexity, size, bits per parameter), then each stage's time."""
     base, comp = metrics["baseline"], metrics["compressed"]
@@ -89,6 +126,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             row.name, row.kind, f"{row.params:,}", f"{row.bytes:,}", f"{row.bits_per_param:.2f}"
         )
     stdout.print(table)
+    if info.tensors:  # a lossless export: how each tensor is coded
+        coded = Table(title="lossless container (model.tersa)")
+        for col, justify in (("tensor", "left"), ("dtype", "left"), ("shape", "left"),
+                             ("coder", "left"), ("bytes", "right"), ("bits/param", "right")):  # fmt: skip
+            coded.add_column(col, justify=justify)  # type: ignore[arg-type]
+        for t in info.tensors:
+            shape = "×".join(map(str, t.shape)) or "scalar"
+            coded.add_row(
+                t.name, t.dtype, shape, t.coder, f"{t.stored_bytes:,}", f"{t.bits_per_param:.2f}"
+            )
+        stdout.print(coded)
     bpp = 8 * info.size_bytes / info.params if info.params else 0.0
     print(
         f"size={info.size_bytes} bytes ({_mib(info.size_bytes)}) params={info.params} bits_per_param={bpp:.3f}"
@@ -110,4 +158,4 @@ def cmd_stages(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["cmd_eval", "cmd_inspect", "cmd_run", "cmd_stages", "console"]
+__all__ = ["cmd_eval", "cmd_inspect", "cmd_run", "cmd_stages", "cmd_train", "console"]

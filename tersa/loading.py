@@ -1,4 +1,5 @@
-"""Open any model tersa accepts: an embedded name, a Hugging Face folder, or a tersa export."""
+"""Open any model tersa accepts: an embedded name, a Hugging Face folder, a tersa export, or a
+trained RAT+ model (``trained:NAME``)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,16 @@ from tersa.models.load import load_model
 def open_model(
     spec: str, dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, Path]:
-    """Load ``spec`` with its tokenizer; tersa exports keep their packed quantized weights."""
+    """Load ``spec`` with its tokenizer; tersa exports keep their packed quantized weights.
+
+    ``trained:NAME`` and RAT+ folders (``tersa train`` outputs) load as
+    :class:`~tersa.kv.RatPlusForCausalLM` (:func:`tersa.kv.train.load_trained`).
+    """
+    from tersa.kv.train.trained import TRAINED_PREFIX, is_ratplus_folder, load_trained
+
     path = Path(spec)
+    if spec.startswith(TRAINED_PREFIX) or (path.is_dir() and is_ratplus_folder(path)):
+        return load_trained(spec, dtype)
     if not spec.startswith("embedded:") and path.is_dir() and is_tersa_export(path):
         model = load_export(path)
         if dtype != _float_dtype(model):

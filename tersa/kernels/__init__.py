@@ -6,4 +6,5 @@ function, which runs Triton on CUDA tensors and the reference everywhere else).
 
 - :func:`tersa.kernels.w4a16_matmul.w4a16_matmul`: packed 4-bit weights, float activations.
 - :func:`tersa.kernels.w8a8_matmul.w8a8_matmul`: int8 weights, per-token int8 activations.
+- :func:`tersa.kernels.ratplus_decode.ratplus_decode`: RAT+ decode attention over a compact cache.
 """
