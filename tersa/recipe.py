@@ -123,18 +123,25 @@ _TOP_KEYS = [f for f in Recipe.__dataclass_fields__ if f != "stages"] + ["stages
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; :class:`RecipeError` on any problem."""
+    return parse_recipe(read_yaml(path, "recipe"), source=str(path))
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The YAML data of the file at ``path`` (a ``what``, e.g. "training recipe", in messages).
+
+    :raises RecipeError: the file is missing, not UTF-8 or not valid YAML (with the position).
+    """
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe '{path}' does not exist; give the path of a recipe YAML file")
+        raise RecipeError(f"recipe '{path}' does not exist; give the path of a {what} YAML file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError(f"recipe '{path}' is not valid YAML{where}: {e}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"recipe '{path}' is not UTF-8 text") from None
-    return parse_recipe(data, source=str(path))
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:

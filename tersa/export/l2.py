@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from tersa.compress.l2.layer import L2Linear
-from tersa.errors import ExportError
-from tersa.quant.replace import is_linear, linear_weight, replace_linear
+from tersa.export.records import swap_recorded
 
 CODE_DTYPES = {"int8": torch.int8, "int16": torch.int16, "int32": torch.int32}
 _KEYS = {"in_features": int, "out_features": int, "bias": bool, "codes_dtype": str}
@@ -71,26 +70,11 @@ def place_l2(model: nn.Module, records: dict[str, Any], where: str) -> None:
     :raises ExportError: a name the model lacks or that is not a linear, a malformed record, or
         sizes that disagree with the linear's.
     """
-    for name, record in records.items():
-        try:
-            dense = model.get_submodule(name)
-        except AttributeError:
-            raise ExportError(
-                f"'{where}': tersa.l2 names '{name}', which this {type(model).__name__} does not "
-                "have"
-            ) from None
-        if not is_linear(dense):
-            raise ExportError(
-                f"'{where}': tersa.l2 names '{name}', a {type(dense).__name__}, not a linear"
-            )
-        w = linear_weight(dense)
-        try:
-            layer = layer_from_record(record, w.dtype)
-        except ValueError as e:
-            raise ExportError(f"'{where}': L2 layer '{name}' is invalid: {e}") from None
-        if (layer.out_features, layer.in_features) != tuple(w.shape):
-            raise ExportError(
-                f"'{where}': L2 layer '{name}' is {layer.in_features} -> {layer.out_features} "
-                f"but the model's layer is {w.shape[1]} -> {w.shape[0]}"
-            )
-        replace_linear(model, name, layer)
+    swap_recorded(
+        model,
+        records,
+        "tersa.l2",
+        "L2 layer",
+        lambda record, w: layer_from_record(record, w.dtype),
+        where,
+    )

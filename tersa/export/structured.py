@@ -15,8 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from tersa.errors import ExportError
-from tersa.quant.replace import is_linear, linear_weight, replace_linear
+from tersa.export.records import swap_recorded
 from tersa.structured.base import StructuredLinear
 from tersa.structured.build import layer_from_record, layer_record
 
@@ -33,26 +32,11 @@ def place_structured(model: nn.Module, records: dict[str, Any], where: str) -> N
     :raises ExportError: a name the model lacks or that is not a linear, a malformed record, or
         sizes that disagree with the linear's.
     """
-    for name, record in records.items():
-        try:
-            dense = model.get_submodule(name)
-        except AttributeError:
-            raise ExportError(
-                f"'{where}': tersa.structured names '{name}', which this "
-                f"{type(model).__name__} does not have"
-            ) from None
-        if not is_linear(dense):
-            raise ExportError(
-                f"'{where}': tersa.structured names '{name}', a {type(dense).__name__}, not a linear"
-            )
-        w = linear_weight(dense)
-        try:
-            layer = layer_from_record(record, device=w.device, dtype=w.dtype)
-        except ValueError as e:
-            raise ExportError(f"'{where}': structured layer '{name}' is invalid: {e}") from None
-        if (layer.out_features, layer.in_features) != tuple(w.shape):
-            raise ExportError(
-                f"'{where}': structured layer '{name}' is {layer.in_features} -> "
-                f"{layer.out_features} but the model's layer is {w.shape[1]} -> {w.shape[0]}"
-            )
-        replace_linear(model, name, layer)
+    swap_recorded(
+        model,
+        records,
+        "tersa.structured",
+        "structured layer",
+        lambda record, w: layer_from_record(record, device=w.device, dtype=w.dtype),
+        where,
+    )

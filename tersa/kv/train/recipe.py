@@ -20,14 +20,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from tersa.config import STRICT, Bool, Float, Int, Str
 from tersa.errors import RecipeError
 from tersa.kv.masks import KVPattern
-from tersa.recipe import _format_errors
+from tersa.recipe import _format_errors, read_yaml
 
 TRAIN_RECIPE_VERSION = 1
 
@@ -252,20 +251,7 @@ _TOP_KEYS = list(TrainRecipe.__pydantic_fields__)  # type: ignore[attr-defined]
 
 def load_train_recipe(path: str | Path) -> TrainRecipe:
     """Read and validate a training recipe file; :class:`RecipeError` on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(
-            f"recipe '{path}' does not exist; give the path of a training recipe YAML file"
-        )
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"recipe '{path}' is not valid YAML{where}: {e}") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"recipe '{path}' is not UTF-8 text") from None
-    return parse_train_recipe(data, source=str(path))
+    return parse_train_recipe(read_yaml(path, "training recipe"), source=str(path))
 
 
 def parse_train_recipe(data: Any, source: str = "recipe") -> TrainRecipe:
