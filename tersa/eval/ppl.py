@@ -132,6 +132,10 @@ def _plain_head(model: nn.Module) -> nn.Module | None:
     # Families that scale or cap their logits after the head need the model's own forward.
     if any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale")):
         return None
+    # Hooks on the model's own forward would be skipped by calling base_model: compressed-tensors,
+    # for one, decompresses int8 weights in a forward pre-hook of the top-level model.
+    if model._forward_pre_hooks or model._forward_hooks:
+        return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return head if isinstance(head, nn.Module) else None
 

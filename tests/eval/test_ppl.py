@@ -154,3 +154,17 @@ def test_window_by_window_head_matches_the_full_forward(family: str) -> None:
         logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)
     )
     assert got.nll == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_hooks_on_the_model_run(model: LlamaForCausalLM, windows: torch.Tensor) -> None:
+    """A forward pre-hook on the top-level model (compressed-tensors decompresses int8 weights in
+    one) must run: perplexity then takes the model's own forward, not base_model + head."""
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with_hook = perplexity(model, windows, batch_size=2).ppl
+    finally:
+        handle.remove()
+    assert calls and with_hook == pytest.approx(
+        perplexity(model, windows, batch_size=2).ppl, rel=1e-6
+    )
