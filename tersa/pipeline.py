@@ -51,6 +51,11 @@ def check_output(output: Path, overwrite: bool, model_spec: str) -> None:
         raise ExportError(
             f"output '{output}' would overwrite the input model; choose another folder"
         )
+    check_output_folder(output, overwrite)
+
+
+def check_output_folder(output: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless ``overwrite``, and one that is not a folder."""
     if output.exists() and not overwrite:
         raise ExportError(
             f"output '{output}' already exists; pass --overwrite or choose another folder"

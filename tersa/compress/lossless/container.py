@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -155,11 +156,8 @@ def read_some(
     together they may declare at most ``max_bytes`` decoded bytes."""
     try:
         with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(0)
-            preamble = f.read(PREAMBLE_BYTES)
-            length = _check_preamble(memoryview(preamble), size)
-            header = f.read(length)
+            preamble, header, size = _read_header(f)
+            length = len(header)
             entries, _ = _index(memoryview(preamble), memoryview(preamble + header), size)
             wanted = [e for e in entries if e.name in set(names)]
             wanted_names = {e.name for e in wanted}
@@ -183,15 +181,20 @@ def read_index(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
     """What ``path`` stores (names, dtypes, shapes, coders, sizes) from its header alone."""
     try:
         with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(0)
-            preamble = f.read(PREAMBLE_BYTES)
-            length = _check_preamble(memoryview(preamble), size)
-            header = f.read(length)
+            preamble, header, size = _read_header(f)
     except OSError as e:
         raise ContainerError(f"cannot read '{path}': {e}") from None
     entries, metadata = _index(memoryview(preamble), memoryview(preamble + header), size)
     return [_info(e) for e in entries], metadata
+
+
+def _read_header(f: BinaryIO) -> tuple[bytes, bytes, int]:
+    """``(preamble, header, file size)`` of the open container ``f``, the preamble checked."""
+    size = f.seek(0, 2)
+    f.seek(0)
+    preamble = f.read(PREAMBLE_BYTES)
+    header = f.read(_check_preamble(memoryview(preamble), size))
+    return preamble, header, size
 
 
 def _info(e: TensorEntry) -> TensorInfo:

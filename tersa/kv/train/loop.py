@@ -49,6 +49,7 @@ from tersa.kv.train.dist import Dist, setup
 from tersa.kv.train.optim import build_optimizer, lr_at, set_lr
 from tersa.kv.train.recipe import TrainRecipe
 from tersa.kv.train.tokenizer import train_tokenizer
+from tersa.pipeline import check_output_folder
 from tersa.progress import Reporter
 from tersa.workarea import fingerprint, open_work_area, work_area
 
@@ -272,12 +273,7 @@ def _check_setup(recipe: TrainRecipe, output: Path, overwrite: bool, d: Dist) ->
             f"training.batch_size ({recipe.training.batch_size}) must be a multiple of the "
             f"number of processes ({d.world})"
         )
-    if output.exists() and not overwrite:
-        raise ExportError(
-            f"output '{output}' already exists; pass --overwrite or choose another folder"
-        )
-    if output.exists() and not output.is_dir():
-        raise ExportError(f"output '{output}' exists and is not a folder; choose another path")
+    check_output_folder(output, overwrite)
 
 
 def _tokenizer(recipe: TrainRecipe, text: str, work: Path, d: Dist) -> PreTrainedTokenizerBase:
