@@ -1,4 +1,4 @@
-"""Kernel benchmarks: W4A16 and W8A8 matmul against dense matmuls of the same shape.
+"""Kernel benchmarks: W4A16 and W8A8 matmul against dense matmuls; Quest against dense decode.
 
 Usage: .venv/bin/python bench/kernels.py [--hbm-gbps 4800] [--cpu]
 
@@ -10,6 +10,12 @@ between runs), bf16 activations:
 - prefill: TFLOP/s and the ratio to bf16 cuBLAS (``F.linear``). Target: W8A8 >= 1.6x at M >= 2048.
 
 The W4A16 weight is group 128, asymmetric (scale bf16, int8 zero point); W8A8 is per-channel.
+
+Quest decode (16-token pages, a fixed token budget, GQA 32/8 heads, d = 128) against dense decode
+attention over the whole cache (``ratplus_decode``: the same attention without selection). The
+page bounds are precomputed, as a cache keeps them. On CPU the references; on CUDA the Triton
+kernels in bf16, with GB/s of the bytes each kernel reads (the dense kernel: K and V of every KV
+head once; Quest: the page bounds, then K and V of the selected pages per query head).
 """
 
 from __future__ import annotations
@@ -25,6 +31,13 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from tersa.kernels.quest_decode import (
+    quest_decode,
+    quest_page_bounds,
+    quest_page_scores,
+    quest_select,
+)
+from tersa.kernels.ratplus_decode import ratplus_decode
 from tersa.kernels.w4a16_matmul import w4a16_matmul
 from tersa.kernels.w8a8_matmul import w8a8_matmul
 from tersa.quant.primitives import num_groups, packed_width
@@ -39,6 +52,11 @@ CPU_SHAPE = (2048, 2048)  # (K, N)
 GPU_DECODE_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # (K, N)
 GPU_PREFILL_SHAPES = [(4096, 4096), (4096, 14336), (8192, 8192)]
 GPU_PREFILL_MS = (16, 256, 2048, 4096)
+QUEST_HEADS = (32, 8, 128)  # (Hq, Hkv, d): a Llama-3-8B layer
+QUEST_PAGE = 16  # tokens per page, the paper's
+QUEST_BUDGET = 1024  # tokens read per query head (64 pages); the paper sweeps 256 to 4096
+CPU_QUEST = [(1, 2048), (1, 8192)]  # (B, length)
+GPU_QUEST = [(1, 32768), (8, 32768), (32, 8192)]
 
 
 def make_weights(k: int, n: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -95,6 +113,40 @@ def bench_cpu() -> Table:
             f"{t['w8a8']:.2f}",
             f"{t['w8a8'] / t['dense']:.1f}",
         )
+    return table
+
+
+def quest_ops(
+    b: int, length: int, device: str, dtype: torch.dtype
+) -> dict[str, Callable[[], object]]:
+    """Dense decode attention and the three per-step Quest stages on one random cache."""
+    hq, hkv, d = QUEST_HEADS
+    q = torch.randn(b, hq, d, device=device, dtype=dtype)
+    k, v = (torch.randn(b, hkv, length, d, device=device, dtype=dtype) for _ in range(2))
+    kmin, kmax = quest_page_bounds(k, length, QUEST_PAGE)
+    scores = quest_page_scores(q, kmin, kmax)
+    n_pages = QUEST_BUDGET // QUEST_PAGE
+    pages = quest_select(scores, n_pages)
+    return {
+        "dense": partial(ratplus_decode, q, k, v, length),
+        "scores": partial(quest_page_scores, q, kmin, kmax),
+        "select": partial(quest_select, scores, n_pages),
+        "decode": partial(quest_decode, q, k, v, pages, length, QUEST_PAGE),
+    }
+
+
+def bench_quest_cpu() -> Table:
+    hq, hkv, d = QUEST_HEADS
+    title = f"Quest decode, CPU references, fp32: Hq={hq} Hkv={hkv} d={d}, page {QUEST_PAGE}"
+    table = Table(title=f"{title}, budget {QUEST_BUDGET} tokens")
+    for col in ("B", "length", "dense ms", "scores ms", "select ms", "decode ms", "Quest ms"):
+        table.add_column(col, justify="right")
+    table.add_column("x dense", justify="right")
+    for b, length in CPU_QUEST:
+        t = {name: cpu_ms(fn) for name, fn in quest_ops(b, length, "cpu", torch.float32).items()}
+        quest = t["scores"] + t["select"] + t["decode"]
+        cells = [f"{t[name]:.2f}" for name in ("dense", "scores", "select", "decode")]
+        table.add_row(str(b), str(length), *cells, f"{quest:.2f}", f"{quest / t['dense']:.2f}")
     return table
 
 
@@ -191,6 +243,38 @@ def bench_prefill() -> Table:
     return table
 
 
+def bench_quest(peak: float | None) -> Table:
+    hq, hkv, d = QUEST_HEADS
+    title = f"Quest decode, bf16, Triton: Hq={hq} Hkv={hkv} d={d}, page {QUEST_PAGE}"
+    table = Table(title=f"{title}, budget {QUEST_BUDGET} tokens, against dense decode attention")
+    cols = ("B", "length", "dense us", "GB/s", "scores us", "GB/s", "select us", "decode us")
+    for col in (*cols, "GB/s", "% HBM", "Quest us", "x dense"):
+        table.add_column(col, justify="right")
+    n_read = (QUEST_BUDGET // QUEST_PAGE) * QUEST_PAGE  # tokens per query head
+    for b, length in GPU_QUEST:
+        t = {name: gpu_ms(fn) for name, fn in quest_ops(b, length, "cuda", torch.bfloat16).items()}
+        dense_bytes = 2 * b * hkv * length * d * 2  # K and V, bf16
+        bound_bytes = 2 * b * hkv * -(-length // QUEST_PAGE) * d * 4  # kmin and kmax, fp32
+        decode_bytes = 2 * b * hq * min(n_read, length) * d * 2
+        gbps = decode_bytes / t["decode"] / 1e6
+        quest = t["scores"] + t["select"] + t["decode"]
+        table.add_row(
+            str(b),
+            str(length),
+            f"{t['dense'] * 1e3:.1f}",
+            f"{dense_bytes / t['dense'] / 1e6:.0f}",
+            f"{t['scores'] * 1e3:.1f}",
+            f"{bound_bytes / t['scores'] / 1e6:.0f}",
+            f"{t['select'] * 1e3:.1f}",
+            f"{t['decode'] * 1e3:.1f}",
+            f"{gbps:.0f}",
+            "n/a" if peak is None else f"{gbps / peak:.0%}",
+            f"{quest * 1e3:.1f}",
+            f"{quest / t['dense']:.2f}",
+        )
+    return table
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hbm-gbps", type=float, default=None, help="peak HBM GB/s (default by name)")
@@ -199,6 +283,7 @@ def main() -> None:
     console = Console()
     if args.cpu or not torch.cuda.is_available():
         console.print(bench_cpu())
+        console.print(bench_quest_cpu())
         return
     name = torch.cuda.get_device_name()
     peak = hbm_peak(name, args.hbm_gbps)
@@ -207,6 +292,7 @@ def main() -> None:
     )
     console.print(bench_decode(peak))
     console.print(bench_prefill())
+    console.print(bench_quest(peak))
 
 
 if __name__ == "__main__":
