@@ -28,6 +28,7 @@ _BUILTIN_MODULES = (
     "tersa.quant.osplus",
     "tersa.structured.stage",
     "tersa.compress.l2.stage",
+    "tersa.kv.policies.stage",
 )
 
 _REGISTRY: dict[str, Stage] = {}

@@ -12,7 +12,8 @@ from tersa.recipe import config_fields, load_recipe, parse_recipe
 RECIPES = sorted(
     p
     for p in (Path(__file__).parent.parent / "tersa" / "recipes").glob("*.yaml")
-    if "training" not in yaml.safe_load(p.read_text())  # training recipes: tests/kv/test_train.py
+    # training recipes: tests/kv/test_train.py; studies: tests/study/test_schema.py
+    if not {"training", "policies"} & set(yaml.safe_load(p.read_text()))
 )
 
 
@@ -27,6 +28,12 @@ def test_shipped_recipes_parse_and_round_trip(path: Path) -> None:
     recipe = load_recipe(path)
     again = parse_recipe(recipe.to_dict())
     assert again.to_dict() == recipe.to_dict()
+
+
+def test_a_study_is_sent_to_tersa_study() -> None:
+    assert _err({"version": 1, "models": ["m"], "policies": ["dense"]}) == (
+        "r.yaml: this is a study; run it with `tersa study`"
+    )
 
 
 def test_defaults_are_filled_in() -> None:
@@ -83,8 +90,8 @@ def test_cross_field_check() -> None:
 def test_unknown_stage_lists_registered_stages() -> None:
     msg = _err({"model": "m", "stages": [{"quantise": {}}]})
     assert (
-        msg
-        == "r.yaml: stages[0]: unknown stage 'quantise'; allowed: l2, os_plus, outlier_suppression, "
+        msg == "r.yaml: stages[0]: unknown stage 'quantise'; allowed: kv, l2, os_plus, "
+        "outlier_suppression, "
         "quantize, smoothquant, structured_ffn"
     )
 

@@ -87,6 +87,11 @@ weight missing (randomly initialised). The ``tersa`` key holds, besides ``format
   ``NAME.edge`` and ``NAME.step`` ``[1]``, ``NAME.bias``; code ``k`` stands for
   ``sign(k)(|e| + (|k| − ½)|Δ|)`` and 0 for 0 (see :mod:`tersa.export.l2`).
 
+- ``kv_policy``: ``{"name": "streaming" | "snapkv" | "quest" | "moba", "budget", ...options}``,
+  the KV policy a ``kv`` stage set (:mod:`tersa.kv.policies`); loading puts it back on the model.
+  It changes no tensor, but a compressed-tensors loader would drop it, so it makes the export
+  ``quant_method: tersa`` (with a ``dense`` config and no groups when nothing is quantized).
+
 - ``lossless``: ``{"file": "model.tersa", "version": 1}`` when the recipe set
   ``export: {lossless: true}``: the tensors (the same names, dtypes and shapes as above) are
   entropy-coded into that container (:mod:`tersa.compress.lossless`) instead of

@@ -48,6 +48,7 @@ class TersaHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: TersaQuantizationConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self._placed: dict[str, str] = {}
+        self._kv_policy: dict[str, Any] | None = None
         self._where = "the export"
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -69,6 +70,7 @@ class TersaHfQuantizer(HfQuantizer):
         self._where = str(getattr(model.config, "name_or_path", "") or "the export")
         plan = read_plan(self.quantization_config.to_dict(), self._where)
         self._placed = place_modules(model, plan, self._where)
+        self._kv_policy = plan.kv_policy
         extras = {**plan.extras, "structured": list(plan.structured), "l2": list(plan.l2)}
         self._check_checkpoint(model, extras, checkpoint_files or [])
         _skip_parent_init(model, [*self._placed, *plan.structured, *plan.l2])
@@ -100,6 +102,10 @@ class TersaHfQuantizer(HfQuantizer):
         from tersa.export.build import finish_modules
 
         finish_modules(model, self._placed, self._where)
+        if self._kv_policy is not None:
+            from tersa.export.load import apply_saved_policy
+
+            apply_saved_policy(model, self._kv_policy)
         return model
 
     def is_serializable(self) -> bool:

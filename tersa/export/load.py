@@ -73,7 +73,8 @@ def load_export(folder: str | Path) -> nn.Module:
     auto = auto_class(config.model_type, getattr(config, "architectures", None))
     with init_empty_weights(include_buffers=False):
         model = auto.from_config(config, dtype=dtype)
-    placed = place_modules(model, read_plan(qc, str(folder)), str(folder)) if qc else {}
+    plan = read_plan(qc, str(folder)) if qc else None
+    placed = place_modules(model, plan, str(folder)) if plan else {}
     if lossless_file(qc, str(folder)):
         tensors, _ = read_container(folder / LOSSLESS_FILE)
     else:
@@ -83,7 +84,16 @@ def load_export(folder: str | Path) -> nn.Module:
     model.tie_weights()
     _check_materialized(model, folder)
     finish_modules(model, placed, str(folder))
+    if plan is not None and plan.kv_policy is not None:
+        apply_saved_policy(model, plan.kv_policy)
     return model.eval()
+
+
+def apply_saved_policy(model: nn.Module, policy: dict[str, Any]) -> None:
+    """Put an export's KV policy (``quantization_config.tersa.kv_policy``) on the loaded model."""
+    from tersa.kv.policies import apply_kv_policy  # tersa.kv imports the RAT+ model: lazily
+
+    apply_kv_policy(model, policy)
 
 
 def lossless_file(qc: object, where: str) -> str | None:

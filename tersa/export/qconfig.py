@@ -15,7 +15,7 @@ from compressed_tensors.quantization import QuantizationConfig, QuantizationSche
 from pydantic import ValidationError
 from torch import nn
 
-from tersa.errors import ExportError
+from tersa.errors import ExportError, ModelError, RecipeError
 from tersa.export.ct import ct_scheme, inferred_format, not_expressible, tersa_schemes
 from tersa.export.format import (
     CT_FORMATS,
@@ -58,7 +58,8 @@ class ExportPlan:
     ``native``: ``{name: record}`` of layers stored in tersa's layout; ``smooth``: ``{name: kind}``
     of quantized layers with an input transform; ``extras``: the lists of :data:`EXTRA_KEYS`;
     ``structured``: ``{name: record}`` of structured layers (:mod:`tersa.export.structured`);
-    ``l2``: ``{name: record}`` of L2 layers (:mod:`tersa.export.l2`).
+    ``l2``: ``{name: record}`` of L2 layers (:mod:`tersa.export.l2`); ``kv_policy``: the KV
+    policy loading puts on the model (:mod:`tersa.kv.policies`), None for dense.
     """
 
     quant_method: str
@@ -69,6 +70,7 @@ class ExportPlan:
     extras: dict[str, list[str]] = field(default_factory=dict)
     structured: dict[str, Any] = field(default_factory=dict)
     l2: dict[str, Any] = field(default_factory=dict)
+    kv_policy: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -87,7 +89,8 @@ def build_quantization_config(
     extras = {k: v for k, v in extras.items() if v}
     structured = structured_records(model)
     l2 = l2_records(model)
-    if not layers and not extras and not structured and not l2:
+    kv = kv_policy_record(model)
+    if not layers and not extras and not structured and not l2 and kv is None:
         return None
     by_scheme: dict[str, list[str]] = {}
     native: dict[str, dict[str, Any]] = {}
@@ -112,13 +115,26 @@ def build_quantization_config(
     parts = (("layers", native), ("smooth", smooth), ("structured", structured), ("l2", l2))
     tersa.update({k: v for k, v in parts if v})
     tersa.update(extras)
-    tersa_only = bool(native or smooth or extras or structured or l2)
+    if kv is not None:
+        tersa["kv_policy"] = kv
+    tersa_only = bool(native or smooth or extras or structured or l2 or kv)
     # A loader that knows compressed-tensors but not tersa would drop what only tersa knows and
     # build another model; quant_method "tersa" keeps it from using this config at all.
     qc = {"quant_method": TERSA_METHOD if tersa_only else CT_METHOD}
     qc.update(ct.model_dump(mode="json", exclude={"quant_method"}))
     qc[TERSA_KEY] = tersa
     return qc
+
+
+def kv_policy_record(model: nn.Module) -> dict[str, Any] | None:
+    """The KV policy set on ``model`` as ``{"name", **options}``; None when dense or unsupported."""
+    from tersa.kv.policies import current_policy  # tersa.kv imports the RAT+ model: lazily
+
+    try:
+        policy = current_policy(model)
+    except ModelError:  # an architecture without decoder attention layers cannot carry one
+        return None
+    return None if policy.is_dense else policy.to_dict()
 
 
 def layer_layouts(qc: dict[str, Any]) -> dict[str, str]:
@@ -169,7 +185,7 @@ def read_plan(qc: Any, where: str) -> ExportPlan:
         plan.groups.append(Group(name, scheme, weights, activations))
     _read_tersa_section(plan, tersa, where)
     if plan.quant_method == CT_METHOD and (
-        plan.native or plan.smooth or plan.extras or plan.structured or plan.l2
+        plan.native or plan.smooth or plan.extras or plan.structured or plan.l2 or plan.kv_policy
     ):
         raise ExportError(
             f"'{where}' has tersa-only parts but quant_method '{CT_METHOD}', so other loaders "
@@ -241,3 +257,13 @@ def _read_tersa_section(plan: ExportPlan, section: dict[str, Any], where: str) -
         raise ExportError(f"'{where}': quantization_config.tersa is malformed; re-export the model")
     plan.native, plan.smooth, plan.structured, plan.l2 = layers, smooth, structured, l2
     plan.extras = {k: v for k, v in extras.items() if v}
+    kv = section.get("kv_policy")
+    if kv is not None:
+        from tersa.kv.policies import make_policy
+
+        try:
+            plan.kv_policy = make_policy(kv).to_dict()
+        except RecipeError as e:
+            raise ExportError(
+                f"'{where}': quantization_config.tersa.kv_policy is invalid: {e}; re-export it"
+            ) from None

@@ -27,6 +27,7 @@ from tersa.kernels.ratplus_decode import ratplus_decode
 from tersa.kv.cache import RatPlusCache, RatPlusLayerCache
 from tersa.kv.configuration_ratplus import RatPlusConfig, pattern_json
 from tersa.kv.masks import KVPattern, layer_patterns, pattern_mask
+from tersa.kv.policies.attention import policy_attention
 from tersa.kv.scan import gated_scan, gated_step
 
 
@@ -130,7 +131,12 @@ class RatPlusAttention(nn.Module):
         q_pos: torch.Tensor,
         k_pos: torch.Tensor,
     ) -> torch.Tensor:
-        """Attention of ``q [B, H, Tq, d]`` over ``k, v [B, Hkv, Tk, d]`` under the pattern."""
+        """Attention of ``q [B, H, Tq, d]`` over ``k, v [B, Hkv, Tk, d]`` under the pattern (and
+        the KV policy, when :func:`tersa.kv.policies.apply_kv_policy` set one)."""
+        state = getattr(self, "tersa_kv", None)
+        if state is not None:
+            allowed = None if self.pattern.dense else pattern_mask(q_pos, k_pos, self.pattern)
+            return policy_attention(q, k, v, q_pos, k_pos, state, allowed=allowed)
         if self.n_kv != self.n_heads:
             group = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
@@ -156,6 +162,11 @@ class RatPlusAttention(nn.Module):
 
         if cache is None:
             out = self.attend(q, k, v, positions, positions)
+        elif t == 1 and getattr(self, "tersa_kv", None) is not None:  # decode under a policy
+            cache.append_one(k, v, state)
+            entries = cache.entries()
+            assert entries is not None
+            out = self.attend(q, entries[0], entries[1], positions, entries[2])
         elif t == 1:  # decode: the cache, with this token in, is exactly what the query sees
             cache.append_one(k, v, state)
             assert cache.keys is not None and cache.values is not None
