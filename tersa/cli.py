@@ -59,6 +59,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
+    st = sub.add_parser(
+        "study", help="evaluate a grid of models × quant recipes × KV policies × budgets"
+    )
+    st.add_argument("study", help="study YAML (models, quant, policies, budgets, contexts, tasks)")
+    st.add_argument("--output", "-o", help="output folder (default: out/<study name>)")
+    st.add_argument(
+        "--fresh", action="store_true", help="discard earlier results instead of resuming them"
+    )
+    st.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
     ins = sub.add_parser("inspect", help="size, bits per parameter and per-layer table of a folder")
     ins.add_argument("folder", help="an export or model folder")
 

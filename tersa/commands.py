@@ -113,6 +113,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from tersa.study import load_study, run_study
+    from tersa.study.report import summary_table
+
+    study = load_study(args.study)
+    output = Path(args.output) if args.output else Path("out") / str(study.name)
+    try:
+        result = run_study(study, output, Reporter(quiet=args.quiet), fresh=args.fresh)
+    except KeyboardInterrupt:
+        console.print(
+            f"interrupted; {output / 'results.csv'} keeps the finished cells: rerun to resume"
+        )
+        return 130
+    assert study.plot.y is not None
+    table = summary_table(result.rows, study.plot.x, study.plot.y, f"tersa study: {study.name}")
+    failed = f", {len(result.failed)} with errors" if result.failed else ""
+    table.caption = f"{len(result.ran)} cells run, {len(result.skipped)} done earlier{failed}"
+    stdout.print(table)
+    files = ["results.csv", "results.md", *(["pareto.png"] if result.plot else [])]
+    stdout.print(f"wrote {output}: {', '.join(files)}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from tersa.export.inspect import inspect_folder
 
@@ -158,4 +181,4 @@ def cmd_stages(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["cmd_eval", "cmd_inspect", "cmd_run", "cmd_stages", "cmd_train", "console"]
+__all__ = ["cmd_eval", "cmd_inspect", "cmd_run", "cmd_stages", "cmd_study", "cmd_train", "console"]

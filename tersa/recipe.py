@@ -151,6 +151,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     data = dict(data)
     if "training" in data and "stages" not in data:
         raise RecipeError(f"{source}: this is a training recipe; run it with `tersa train`")
+    if "policies" in data and "stages" not in data:
+        raise RecipeError(f"{source}: this is a study; run it with `tersa study`")
     if "model" not in data:
         raise RecipeError(f"{source}: missing key 'model' (embedded:smollm2-135m or a folder)")
     problems: list[str] = []

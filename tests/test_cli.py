@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tersa.cli import main
+from tersa.study import Cell
 from tests.helpers import tiny_recipe, tiny_setup, write_recipe
 
 W8A8 = {"quantize": {"weights": {"bits": 8}, "activations": {"bits": 8}}}
@@ -237,3 +238,74 @@ def test_run_resume_continues_from_the_work_area_and_refuses_a_changed_recipe(
     )
     code, stdout, _ = _run(argv[:-1], capsys)  # without --resume: the stale area is replaced
     assert code == 0 and f"wrote {out}" in stdout and not area.exists()
+
+
+def _study_file(tmp_path: Path, **changes: object) -> Path:
+    data = {
+        "version": 1,
+        "name": "toy",
+        "models": ["m"],
+        "policies": ["dense", {"name": "quest", "page": 16}],
+        "budgets": [0.5],
+        "contexts": [64],
+        "tasks": {"needle": {"n": 1}},
+        **changes,
+    }
+    return write_recipe(tmp_path / "study.yaml", data)
+
+
+def test_study_rejects_an_unknown_key_and_a_bad_policy(tmp_path, capsys) -> None:
+    study = _study_file(tmp_path, budget=[0.5])
+    code, _, err = _run(["study", str(study)], capsys)
+    assert code == 2 and err == (
+        f"error: {study}: budget: unknown key 'budget'; allowed: version, name, models, dtype, "
+        "quant, policies, budgets, contexts, tasks, seed, plot"
+    )
+    study = _study_file(tmp_path, policies=["dense", "h2o"])
+    code, _, err = _run(["study", str(study)], capsys)
+    assert code == 2 and err == (
+        f"error: {study}: policies[1]: unknown policy 'h2o'; "
+        "allowed: dense, streaming, snapkv, quest, moba"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_study_runs_resumes_and_starts_fresh(tmp_path, capsys, monkeypatch) -> None:
+    import types
+
+    calls: list[str] = []
+
+    def evaluate_cell(model, tokenizer, cell, tasks, seed) -> dict[str, float]:
+        calls.append(cell.policy)
+        if cell.policy == "interrupt":
+            raise KeyboardInterrupt
+        return {"kv_fraction_read": float(cell.budget), "needle_exact": 0.75}
+
+    fake_cell = types.ModuleType("tersa.study.cell")
+    fake_cell.evaluate_cell = evaluate_cell  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tersa.study.cell", fake_cell)
+    monkeypatch.setattr("tersa.study.run.default_build_model", lambda spec, entry, dtype: (1, 2))
+    monkeypatch.chdir(tmp_path)
+    study = _study_file(tmp_path)
+    code, stdout, _ = _run(["study", str(study), "-q"], capsys)
+    out = Path("out") / "toy"
+    assert code == 0 and calls == ["dense", "quest"]
+    assert "tersa study: toy" in stdout and "needle_exact" in stdout
+    assert "2 cells run, 0 done earlier" in stdout
+    assert f"wrote {out}: results.csv, results.md, pareto.png" in stdout
+    assert {p.name for p in out.iterdir()} == {
+        "study.yaml",
+        "results.csv",
+        "results.md",
+        "pareto.png",
+    }
+
+    code, stdout, _ = _run(["study", str(study), "-q"], capsys)
+    assert code == 0 and calls == ["dense", "quest"] and "0 cells run, 2 done earlier" in stdout
+    code, stdout, _ = _run(["study", str(study), "-q", "--fresh"], capsys)
+    assert code == 0 and len(calls) == 4 and "2 cells run, 0 done earlier" in stdout
+
+    monkeypatch.setattr("tersa.study.run.cells", lambda s: [Cell("m", "fp", "interrupt", 1.0, 64)])
+    code, _, err = _run(["study", str(study), "-q", "-o", "o2"], capsys)
+    assert code == 130
+    assert err == "interrupted; o2/results.csv keeps the finished cells: rerun to resume"
