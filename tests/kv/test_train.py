@@ -15,13 +15,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tersa.cli import main
 from tersa.errors import RecipeError
+from tersa.eval.numerics import err_ratio
 from tersa.kv import RatPlusForCausalLM
 from tersa.kv.train import load_train_recipe, parse_train_recipe, train, train_tokenizer
+from tersa.kv.train.converted import convert_source
 from tersa.kv.train.data import batch_at, local_rows
 from tersa.kv.train.optim import lr_at
 from tersa.loading import open_model
-from tests.helpers import write_text
-from tests.kv.train_helpers import tiny_train_recipe, write_train_recipe
+from tests.helpers import tiny_setup, write_text
+from tests.kv.train_helpers import tiny_init_recipe, tiny_train_recipe, write_train_recipe
 
 RECIPES = Path(__file__).parent.parent.parent / "tersa" / "recipes"
 BASE = {"training": {"tokens": 8192, "seq_len": 64, "batch_size": 2}}
@@ -57,6 +59,27 @@ def test_shipped_twins_differ_only_in_the_attention() -> None:
     assert rat["model"]["forget_gate_bias_init"] == 3.0 and rat["training"]["seq_len"] >= 1024
 
 
+TRAINING_RECIPES = sorted(
+    p for p in RECIPES.glob("*.yaml") if "training" in yaml.safe_load(p.read_text())
+)
+
+
+@pytest.mark.parametrize("path", TRAINING_RECIPES, ids=[p.name for p in TRAINING_RECIPES])
+def test_shipped_training_recipes_parse_and_round_trip(path: Path) -> None:
+    recipe = load_train_recipe(path).to_dict()
+    assert parse_train_recipe(recipe).to_dict() == recipe
+
+
+def test_shipped_conversion_recipe_continues_smollm2() -> None:
+    recipe = load_train_recipe(RECIPES / "ratplus-from-smollm2.yaml")  # parsed only: no training
+    assert recipe.init is not None and recipe.init.source == "embedded:smollm2-135m"
+    assert recipe.init.forget_gate_bias_init <= -6.0  # k̃ ≈ k: starts as SmolLM2
+    assert recipe.model is None and recipe.tokenizer is None
+    assert recipe.joint is not None and recipe.joint.dilation == 64
+    assert recipe.data.source == "embedded:shakespeare" and recipe.data.split == "calibration"
+    assert 16384 <= recipe.training.tokens <= 65536 and recipe.training.seq_len == 256
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -64,8 +87,8 @@ def test_shipped_twins_differ_only_in_the_attention() -> None:
          "r.yaml: training.seq_lenn: unknown key 'seq_lenn'; allowed: tokens, seq_len, batch_size, "
          "lr, min_lr, warmup, weight_decay, betas, grad_clip, seed, checkpoint_every, log_every"),
         ({**BASE, "bogus": 1},
-         "r.yaml: bogus: unknown key 'bogus'; allowed: training, version, model, tokenizer, data, "
-         "joint, adapt"),
+         "r.yaml: bogus: unknown key 'bogus'; allowed: training, version, init, model, tokenizer, "
+         "data, joint, adapt"),
         ({"training": {"tokens": "10"}}, "r.yaml: training.tokens: input should be a valid integer (got '10')"),
         ({**BASE, "model": {"attention": "rnn"}},
          "r.yaml: model.attention: input should be 'ratplus' or 'attention' (got 'rnn')"),
@@ -86,6 +109,16 @@ def test_shipped_twins_differ_only_in_the_attention() -> None:
          "r.yaml: adapt.pattern.windw: unknown key 'windw'; allowed: dilation, window, sinks"),
         ({"stages": []}, "r.yaml: this is a compression recipe (it has 'stages'); run it with `tersa run`"),
         ({"model": {}}, "r.yaml: missing key 'training' (at least training.tokens, the token budget)"),
+        ({**BASE, "init": {"source": "m"}, "model": {"layers": 2}},
+         "r.yaml: init: the architecture and the tokenizer come from init.source; remove 'model' "
+         "(or remove init to train from scratch)"),
+        ({**BASE, "init": {"source": "m"}, "model": {}, "tokenizer": {"vocab_size": 300}},
+         "r.yaml: init: the architecture and the tokenizer come from init.source; remove 'model' "
+         "and 'tokenizer' (or remove init to train from scratch)"),
+        ({**BASE, "init": {"source": "m", "forget_gate_bias": -6.0}},
+         "r.yaml: init.forget_gate_bias: unknown key 'forget_gate_bias'; allowed: source, "
+         "forget_gate_bias_init"),
+        ({**BASE, "init": {}}, "r.yaml: init.source: missing required key"),
     ],
 )  # fmt: skip
 def test_recipe_rejections_name_the_key(data: dict, message: str) -> None:
@@ -183,3 +216,92 @@ def test_cli_bad_input_exits_2_with_one_message(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(["train"])
     assert e.value.code == 2
+
+
+def test_init_converts_the_checkpoint_so_training_starts_from_its_outputs(tmp_path: Path) -> None:
+    checkpoint, text = tiny_setup(tmp_path)
+    llama, llama_tok, _ = open_model(str(checkpoint))
+    ids = torch.randint(3, 300, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = llama(ids).logits
+    for bias in (-30.0, None):  # σ(-30) = 1e-13: exactly the Llama; default -6: k̃ ≈ k
+        init = {} if bias is None else {"forget_gate_bias_init": bias}
+        model, tok = convert_source(
+            parse_train_recipe(tiny_init_recipe(checkpoint, text, init=init))
+        )
+        assert isinstance(model, RatPlusForCausalLM) and tok.get_vocab() == llama_tok.get_vocab()
+        gate = model.model.layers[1].self_attn.forget_gate_proj
+        assert torch.all(gate.bias == (bias or -6.0)) and not gate.weight.any()
+        with torch.no_grad():
+            got = model(ids).logits
+        if bias is None:  # g = σ(-6) ≈ 0.0025 mixes the past in a little (as in test_convert.py)
+            assert err_ratio(want, got) < 2e-3 and torch.equal(want.argmax(-1), got.argmax(-1))
+        else:
+            assert (got - want).abs().max() < 1e-4
+
+
+def test_cli_init_trains_the_converted_checkpoint(tmp_path: Path, capsys) -> None:
+    checkpoint, text = tiny_setup(tmp_path)
+    recipe = tmp_path / "init.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_init_recipe(checkpoint, text, batches=2)))
+    out = tmp_path / "out"
+    assert main(["train", str(recipe), "--output", str(out), "--quiet"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    model, tok, _ = open_model(str(out))
+    llama, llama_tok, _ = open_model(str(checkpoint))
+    assert isinstance(model, RatPlusForCausalLM) and model.config.recurrent
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")  # fmt: skip
+    assert {k: getattr(model.config, k) for k in sizes} == {
+        k: getattr(llama.config, k) for k in sizes
+    }
+    assert tok.get_vocab() == llama_tok.get_vocab() and len(tok) == 271  # not a 300-token BPE
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["attention"] == "ratplus"
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["init"]["source"] == str(checkpoint) and saved["model"] is None
+    assert not (out.parent / ".out.work").exists()
+
+
+def test_init_resume_restores_the_checkpoint_without_converting_again(
+    tmp_path: Path, monkeypatch
+) -> None:
+    checkpoint, text = tiny_setup(tmp_path)
+    recipe = parse_train_recipe(tiny_init_recipe(checkpoint, text, batches=5))
+    whole = train(recipe, tmp_path / "whole")
+    part = train(recipe, tmp_path / "split", stop_after=3)
+    assert not part.finished and (tmp_path / ".split.work/init/config.json").is_file()
+
+    def no_conversion(recipe):
+        raise AssertionError("resume converted the source again")
+
+    monkeypatch.setattr("tersa.kv.train.converted.convert_source", no_conversion)
+    resumed = train(recipe, tmp_path / "split", resume=True)
+    a = load_file(str(tmp_path / "whole/model.safetensors"))
+    b = load_file(str(tmp_path / "split/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.metrics["log"] == resumed.metrics["log"] and resumed.step == 5
+    bias = a["model.layers.0.self_attn.forget_gate_proj.bias"]
+    assert not torch.all(bias == -6.0)  # trained away from the conversion
+
+
+def test_init_refuses_other_architectures_with_exit_2(tmp_path: Path, capsys) -> None:
+    checkpoint, text = tiny_setup(tmp_path, family="gpt2")
+    recipe = tmp_path / "init.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_init_recipe(checkpoint, text)))
+    code, err = _cli(["train", str(recipe), "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and err == (
+        f"error: init.source: '{checkpoint}' is a gpt2 model; only Llama-family checkpoints "
+        "convert to RAT+ (model_type llama or mistral)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_refuses_a_seq_len_beyond_the_checkpoints_positions(tmp_path: Path) -> None:
+    checkpoint, text = tiny_setup(tmp_path)
+    data = tiny_init_recipe(checkpoint, text, training={"seq_len": 512, "tokens": 2048})
+    with pytest.raises(RecipeError) as e:
+        train(parse_train_recipe(data), tmp_path / "out")
+    assert str(e.value) == (
+        "training.seq_len (512) exceeds the max_position_embeddings of init.source (256)"
+    )

@@ -39,3 +39,11 @@ def write_train_recipe(folder: Path, **overrides: Any) -> Path:
     path = folder / "train.yaml"
     path.write_text(yaml.safe_dump(tiny_train_recipe(text, **overrides)))
     return path
+
+
+def tiny_init_recipe(checkpoint: Path, text: Path, batches: int = 3, **overrides: Any) -> dict:
+    """The tiny recipe continuing ``checkpoint`` converted to RAT+ (``init``; no model, tokenizer)."""
+    init = {"source": str(checkpoint), **overrides.pop("init", {})}
+    recipe = tiny_train_recipe(text, batches=batches, **overrides)
+    del recipe["model"], recipe["tokenizer"]
+    return {"init": init, **recipe}

@@ -4,6 +4,8 @@
   ``--resume``, DDP under ``torchrun``) (:mod:`tersa.kv.train.loop`).
 - :class:`TrainRecipe`, :func:`load_train_recipe`, :func:`parse_train_recipe`: the recipe
   (:mod:`tersa.kv.train.recipe`).
+- ``init``: continue a Llama-family checkpoint converted to RAT+, with its tokenizer
+  (:mod:`tersa.kv.train.converted`).
 - :func:`train_tokenizer`: the byte-level BPE (:mod:`tersa.kv.train.tokenizer`).
 - :func:`load_trained`: open a trained model by ``trained:NAME`` or folder
   (:mod:`tersa.kv.train.trained`).

@@ -13,6 +13,10 @@ batch at the target pattern (joint off), its own token budget and a cosine from 
 no warmup (the official 1B adaptation: lr 8e-5 after 8e-4, 1 % of the pretraining tokens). The
 saved config then carries the target as its ``kv_pattern``.
 
+**Conversion** (``init``, instead of ``model`` and ``tokenizer``) starts from a pretrained
+Llama-family checkpoint converted to RAT+ and keeps its tokenizer (:mod:`tersa.kv.train.converted`);
+everything else is the same.
+
 The run keeps its tokenizer and checkpoints in the work area next to the output
 (``out/.name.work/``, :mod:`tersa.workarea`); ``resume`` continues from the last checkpoint and
 gives the same weights as an uninterrupted run. The output folder is written under a temporary
@@ -44,6 +48,7 @@ from tersa.errors import DataError, ExportError, RecipeError
 from tersa.kv.configuration_ratplus import RatPlusConfig
 from tersa.kv.modeling_ratplus import RatPlusForCausalLM
 from tersa.kv.train import checkpoint
+from tersa.kv.train.converted import start_converted
 from tersa.kv.train.data import batch_at, local_rows
 from tersa.kv.train.dist import Dist, setup
 from tersa.kv.train.optim import build_optimizer, lr_at, set_lr
@@ -70,6 +75,7 @@ class TrainResult:
 def build_model(recipe: TrainRecipe, tokenizer: PreTrainedTokenizerBase) -> RatPlusForCausalLM:
     """A fresh model of the recipe's size, initialised from ``training.seed``."""
     m = recipe.model
+    assert m is not None  # filled in without init
     config = RatPlusConfig(
         vocab_size=len(tokenizer),
         hidden_size=m.hidden,
@@ -220,12 +226,15 @@ def _open(recipe: TrainRecipe, output: Path, resume: bool, reporter: Reporter, d
         open_work_area(work, fingerprint(recipe.to_dict()), resume)
     d.barrier()
     text = load_text(recipe.data.source, recipe.data.split, recipe.data.text_field)
-    tokenizer = _tokenizer(recipe, text, work, d)
-    model = build_model(recipe, tokenizer)
+    last = checkpoint.latest_checkpoint(work) if resume else None
+    if recipe.init is not None:
+        tokenizer, model = start_converted(recipe, work, d, restoring=last is not None)
+    else:
+        tokenizer = _tokenizer(recipe, text, work, d)
+        model = build_model(recipe, tokenizer)
     model.train()
     optimizer = build_optimizer(model, recipe.training)
     run = _Run(recipe, output, work, d, tokenizer, tokenize_text(tokenizer, text), model, optimizer)
-    last = checkpoint.latest_checkpoint(work) if resume else None
     if last is not None:
         meta = checkpoint.load_checkpoint(last, model, optimizer)
         run.start, run.log = meta["step"], meta["log"]
@@ -280,6 +289,7 @@ def _tokenizer(recipe: TrainRecipe, text: str, work: Path, d: Dist) -> PreTraine
     """The run's tokenizer: trained once by process 0 into the work area, read by every process."""
     folder = work / "tokenizer"
     if d.main and not (folder / "tokenizer.json").is_file():
+        assert recipe.tokenizer is not None  # filled in without init
         tok = train_tokenizer(text, recipe.tokenizer.vocab_size, recipe.tokenizer.min_frequency)
         tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=work))
         tok.save_pretrained(tmp)
@@ -308,7 +318,7 @@ def _metrics(
 ) -> dict[str, Any]:
     """What metrics.json records; ``loop_s`` and ``batches``: this invocation's training loop."""
     return {
-        "attention": recipe.model.attention,
+        "attention": recipe.model.attention if recipe.model else "ratplus",  # init: RAT+
         "params": sum(p.numel() for p in model.parameters()),
         "steps": recipe.main_steps + recipe.adapt_steps,
         "main_steps": recipe.main_steps,

@@ -13,6 +13,17 @@ training: {seq_len: 1024, batch_size: 8, tokens: 1000000, lr: 1.0e-3}
 joint: {dilation: 64, window: 0, sinks: 0}   # active recurrence learning; null: dense only
 adapt: null                                   # resolution adaptation to a target pattern
 ```
+
+Instead of a model built from scratch, ``init`` continues training a pretrained Llama-family
+checkpoint converted to RAT+ (:func:`tersa.kv.llama_to_ratplus`); the architecture and the
+tokenizer are then the checkpoint's, so ``model`` and ``tokenizer`` must be absent (or null): a
+recipe giving ``init`` and either of them is refused, rather than one side silently ignored.
+
+```yaml
+init: {source: embedded:smollm2-135m, forget_gate_bias_init: -6.0}
+data: {source: embedded:shakespeare, split: calibration}
+training: {seq_len: 256, batch_size: 2, tokens: 32768, lr: 1.0e-4}
+```
 """
 
 from __future__ import annotations
@@ -74,6 +85,20 @@ class TokenizerSection:
         Int, Field(ge=258, description="tokens, the 256 bytes and <|endoftext|> included")
     ] = 4096
     min_frequency: Annotated[Int, Field(ge=1, description="least count of a merged pair")] = 2
+
+
+@dataclass(config=STRICT)
+class InitSection:
+    """Start from a pretrained Llama-family checkpoint, converted to RAT+ with the forget gate
+    closed (``k̃ ≈ k``: the converted model computes what the checkpoint computes)."""
+
+    source: Annotated[
+        Str, Field(description="embedded:smollm2-135m or a Llama/Mistral checkpoint folder")
+    ]
+    forget_gate_bias_init: Annotated[
+        Float,
+        Field(description="initial forget gate bias; -6 starts g = σ(-6) ≈ 0.0025, so k̃ ≈ k"),
+    ] = -6.0
 
 
 @dataclass(config=STRICT)
@@ -193,8 +218,16 @@ class TrainRecipe:
     version: Annotated[
         Int, Field(ge=1, le=TRAIN_RECIPE_VERSION, description="recipe format version")
     ] = TRAIN_RECIPE_VERSION
-    model: ModelSection = Field(default_factory=ModelSection)
-    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
+    init: Annotated[
+        InitSection | None,
+        Field(description="continue a converted checkpoint (no model, tokenizer sections)"),
+    ] = None
+    model: Annotated[
+        ModelSection | None, Field(description="architecture from scratch (default without init)")
+    ] = None
+    tokenizer: Annotated[
+        TokenizerSection | None, Field(description="BPE trained on the text (default without init)")
+    ] = None
     data: DataSection = Field(default_factory=DataSection)
     joint: Annotated[
         JointSection | None,
@@ -203,6 +236,13 @@ class TrainRecipe:
     adapt: AdaptSection | None = None
 
     def __post_init__(self) -> None:
+        if self.init is not None:
+            self._check_init()
+            return
+        if self.model is None:
+            self.model = ModelSection()
+        if self.tokenizer is None:
+            self.tokenizer = TokenizerSection()
         if self.joint is not None and self.model.attention != "ratplus":
             raise ValueError(
                 "joint: active recurrence learning needs model.attention: ratplus; "
@@ -213,23 +253,38 @@ class TrainRecipe:
                 f"training.seq_len ({self.training.seq_len}) exceeds model.max_positions "
                 f"({self.model.max_positions})"
             )
-        if self.training.tokens < self.training.batch_tokens:
+        self._check_budgets()
+        layers = None if self.adapt is None else self.adapt.layers
+        if layers is not None and len(layers) != self.model.layers:
+            raise ValueError(
+                f"adapt.layers needs one pattern per layer, {self.model.layers} "
+                f"(model.layers), got {len(layers)}"
+            )
+
+    def _check_init(self) -> None:
+        """A converted checkpoint brings its architecture and tokenizer; the checks against its
+        sizes (seq_len, adapt.layers) run once it is loaded (:mod:`tersa.kv.train.converted`)."""
+        given = [name for name in ("model", "tokenizer") if getattr(self, name) is not None]
+        if given:
+            what = " and ".join(f"'{name}'" for name in given)
+            raise ValueError(
+                f"init: the architecture and the tokenizer come from init.source; remove {what} "
+                f"(or remove init to train from scratch)"
+            )
+        self._check_budgets()
+
+    def _check_budgets(self) -> None:
+        batch = self.training.batch_tokens
+        if self.training.tokens < batch:
             raise ValueError(
                 f"training.tokens ({self.training.tokens}) is less than one batch "
-                f"(batch_size × seq_len = {self.training.batch_tokens})"
+                f"(batch_size × seq_len = {batch})"
             )
-        if self.adapt is not None:
-            if self.adapt.tokens < self.training.batch_tokens:
-                raise ValueError(
-                    f"adapt.tokens ({self.adapt.tokens}) is less than one batch "
-                    f"(batch_size × seq_len = {self.training.batch_tokens})"
-                )
-            layers = self.adapt.layers
-            if layers is not None and len(layers) != self.model.layers:
-                raise ValueError(
-                    f"adapt.layers needs one pattern per layer, {self.model.layers} "
-                    f"(model.layers), got {len(layers)}"
-                )
+        if self.adapt is not None and self.adapt.tokens < batch:
+            raise ValueError(
+                f"adapt.tokens ({self.adapt.tokens}) is less than one batch "
+                f"(batch_size × seq_len = {batch})"
+            )
 
     @property
     def main_steps(self) -> int:
@@ -242,8 +297,15 @@ class TrainRecipe:
         return 0 if self.adapt is None else self.adapt.tokens // self.training.batch_tokens
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved recipe (every default filled in), as plain YAML-able data."""
-        return TypeAdapter(TrainRecipe).dump_python(self, mode="json")
+        """The resolved recipe (every default filled in), as plain YAML-able data.
+
+        ``init`` is left out when unused, so recipes written before it existed keep their
+        fingerprint (``--resume``) and their saved ``recipe.yaml``.
+        """
+        data = TypeAdapter(TrainRecipe).dump_python(self, mode="json")
+        if data.get("init") is None:
+            data.pop("init", None)
+        return data
 
 
 _TOP_KEYS = list(TrainRecipe.__pydantic_fields__)  # type: ignore[attr-defined]
