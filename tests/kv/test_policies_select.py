@@ -96,27 +96,32 @@ def test_quest_bound_is_an_upper_bound() -> None:
 
 
 @pytest.mark.parametrize("budget", [0.5, 6, 1.0])
-def test_snapkv_matches_brute_force(budget) -> None:
+@pytest.mark.parametrize("past_end", [0, 1])
+def test_snapkv_matches_brute_force(budget, past_end: int) -> None:
+    """The window's queries end at the prompt's end (``past_end=0``) or one past it: the first
+    decode query votes too, and only the window's prompt positions are kept as the window."""
     policy = SnapKVPolicy(budget=budget, window=3, pool=3)
     length, hq, hkv = 12, 4, 2
     q, k = qk(1, hq, hkv, 3, length, seed=7)
-    obs = torch.arange(length - 3, length)
+    obs = torch.arange(length - 3, length) + past_end
     keep = snapkv_keep(policy, q, k, obs, scale=0.5)
     capacity = policy.tokens(length)
     assert int(keep[0, 0].sum()) == min(capacity, length)
     if capacity >= length:
         assert bool(keep.all())
         return
+    recent = 3 - past_end  # prompt positions inside the window
+    prefix = length - recent
     for h in range(hkv):
-        votes = torch.zeros(length - 3)
+        votes = torch.zeros(prefix)
         for g in range(2):
             for i, t in enumerate(obs.tolist()):
-                logits = (k[0, h, : t + 1] @ q[0, 2 * h + g, i]) * 0.5
-                votes += torch.softmax(logits, 0)[: length - 3] / 2
+                logits = (k[0, h, : min(t + 1, length)] @ q[0, 2 * h + g, i]) * 0.5
+                votes += torch.softmax(logits, 0)[:prefix] / 2
         pooled = torch.stack(
-            [votes[max(j - 1, 0) : j + 2].mean() for j in range(length - 3)]
+            [votes[max(j - 1, 0) : j + 2].mean() for j in range(prefix)]
         )  # avg pool of 3, no padding counted
-        want = set(pooled.topk(capacity - 3).indices.tolist()) | set(range(length - 3, length))
+        want = set(pooled.topk(capacity - recent).indices.tolist()) | set(range(prefix, length))
         assert set(torch.nonzero(keep[0, h]).flatten().tolist()) == want
 
 

@@ -9,8 +9,9 @@ The protocol (one for every policy, model and task, so their numbers compare):
   be if the prompt had been cached before the question arrived;
 - queries at positions ``< L`` attend densely (causal) — prefill is dense for all policies;
 - queries at positions ``>= L`` attend to what the policy selects (:mod:`tersa.kv.policies.select`).
-  SnapKV chooses its prompt keys once, from the queries of the window ending at ``L``, so the pass
-  that holds position ``L − 1`` must hold the whole window.
+  SnapKV chooses its prompt keys once, from the window of queries ending at the first decode
+  query (position ``L``: the prompt's last token, as in SnapKV), so the pass that holds position
+  ``L`` must hold the whole prompt and window.
 
 Evicting policies (StreamingLLM, SnapKV) are applied as masks over the full cache: the outputs are
 those of the evicted cache exactly, but memory is not freed; :mod:`tersa.kv.policies.memory`
@@ -146,15 +147,15 @@ def _snapkv_select(
     k_pos: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """SnapKV's kept prompt keys, from the window of queries ending at the prefill length."""
+    """SnapKV's kept prompt keys. The observation window is the ``window`` queries ending at the
+    first decode query (position ``L``, the prompt's last token in a ``generate`` call), as
+    SnapKV's own window ends at the prompt's last token."""
     policy = state.policy
     assert isinstance(policy, SnapKVPolicy) and state.prefill is not None
     length = state.prefill
-    window = min(policy.window, length)
-    obs = (q_pos >= length - window) & (q_pos < length)
+    window = min(policy.window, length + 1)
+    obs = (q_pos > length - window) & (q_pos <= length)
     prompt = k_pos < length
-    if length == 0:
-        return torch.ones(k.shape[0], k.shape[1], 0, dtype=torch.bool, device=k.device)
     if int(obs.sum()) != window or int(prompt.sum()) != length:
         raise RuntimeError(
             "SnapKV needs the whole prompt and its last window of queries in one forward pass "

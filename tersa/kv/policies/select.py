@@ -58,24 +58,26 @@ def snapkv_keep(
 ) -> torch.Tensor:
     """The prompt keys each KV head keeps: ``[B, Hkv, L]`` bool, once, at the end of the prompt.
 
-    :param q_obs: the last prompt queries ``[B, Hq, w, d]`` at positions ``obs_pos [w]`` (the
-        observation window: the prompt's end, ``L − w .. L − 1``).
-    :param k_prompt: the prompt's keys ``[B, Hkv, L]`` at positions ``0 .. L − 1``.
-    :returns: True for the window and, of the keys before it, the ``C − w`` with the highest
-        votes, ``C = policy.tokens(L)``: each window query's softmax attention, summed over the
-        window, averaged over the query heads sharing a KV head, then averaged over ``pool``
-        neighbouring keys (so a kept key brings its neighbours' context along).
+    :param q_obs: the observation window's queries ``[B, Hq, w, d]`` at positions
+        ``obs_pos [w]``, ascending, ending at or after the prompt's end (the window ends at the
+        first decode query, which is the prompt's last token in a ``generate`` call).
+    :param k_prompt: the prompt's keys ``[B, Hkv, L, d]`` at positions ``0 .. L − 1``.
+    :returns: True for the prompt keys inside the window (``r`` of them: positions
+        ``>= obs_pos[0]``) and, of the keys before it, the ``C − r`` with the highest votes,
+        ``C = policy.tokens(L)``: each window query's softmax attention over the prompt, summed
+        over the window, averaged over the query heads sharing a KV head, then averaged over
+        ``pool`` neighbouring keys (so a kept key brings its neighbours' context along).
     """
-    b, hq, w, _ = q_obs.shape
+    b, hq, _, _ = q_obs.shape
     hkv, length = k_prompt.shape[1], k_prompt.shape[2]
-    capacity = policy.tokens(length)
+    capacity = policy.tokens(length) if length else 0
     keep = torch.zeros(b, hkv, length, dtype=torch.bool, device=k_prompt.device)
     if capacity >= length:
         return keep.fill_(True)
-    window = min(w, capacity)
-    keep[:, :, length - window :] = True
-    prefix = length - window
-    if capacity == window or prefix == 0:
+    recent = min(max(length - int(obs_pos[0]), 0), capacity)
+    prefix = length - recent
+    keep[:, :, prefix:] = True
+    if capacity == recent:
         return keep
     k = k_prompt.repeat_interleave(hq // hkv, 1).float()  # [B, Hq, L, d]
     logits = torch.einsum("bhwd,bhld->bhwl", q_obs.float(), k) * scale
@@ -91,7 +93,7 @@ def snapkv_keep(
             padding=pad,
             count_include_pad=False,
         )[:, 0, :prefix].view(b, hkv, prefix)
-    top = votes.topk(capacity - window, -1).indices  # [B, Hkv, C − w]
+    top = votes.topk(capacity - recent, -1).indices  # [B, Hkv, C − r]
     keep[:, :, :prefix].scatter_(-1, top, True)
     return keep
 
