@@ -162,15 +162,16 @@ class RatPlusAttention(nn.Module):
 
         if cache is None:
             out = self.attend(q, k, v, positions, positions)
-        elif t == 1 and getattr(self, "tersa_kv", None) is not None:  # decode under a policy
-            cache.append_one(k, v, state)
-            entries = cache.entries()
-            assert entries is not None
-            out = self.attend(q, entries[0], entries[1], positions, entries[2])
         elif t == 1:  # decode: the cache, with this token in, is exactly what the query sees
             cache.append_one(k, v, state)
-            assert cache.keys is not None and cache.values is not None
-            out = ratplus_decode(q[:, :, 0], cache.keys, cache.values, cache.n_valid).unsqueeze(2)
+            if getattr(self, "tersa_kv", None) is not None:  # a KV policy selects among them
+                entries = cache.entries()
+                assert entries is not None
+                out = self.attend(q, entries[0], entries[1], positions, entries[2])
+            else:
+                assert cache.keys is not None and cache.values is not None
+                out = ratplus_decode(q[:, :, 0], cache.keys, cache.values, cache.n_valid)
+                out = out.unsqueeze(2)
         else:  # prefill (or a chunk of it): past entries and the new tokens under the mask
             past = cache.entries()
             k_all, v_all, k_pos = k, v, positions

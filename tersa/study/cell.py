@@ -19,6 +19,7 @@ Text: the embedded Shakespeare evaluation split (plays no calibration saw). KV m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import lru_cache
 from typing import Any
@@ -108,7 +109,7 @@ def _recall(
             f"fit in a context of {context}; lower passage or gap"
         )
     probe = build_recall_probe(ids, task.n, task.passage, gap, prefix, seed=seed)
-    probe = type(probe)(probe.ids.to(device), probe.first, probe.repeat, probe.passage, gap)
+    probe = dataclasses.replace(probe, ids=probe.ids.to(device))
     with kv_policy(model, policy, prefill=probe.repeat):
         scores = recall_scores(model, probe, cue=RECALL_CUE, span=RECALL_SPAN)
     return {

@@ -91,14 +91,13 @@ def apply_kv_policy(
     hf = getattr(model.config, "model_type", None) != "ratplus"
     if resolved.is_dense:  # dense or a budget of 1.0: the model's own attention, bit for bit
         for m in modules:
-            if hasattr(m, STATE_ATTR):
-                delattr(m, STATE_ATTR)
+            _set_state(m, None)
         return resolved
     if hf and model.config._attn_implementation != ATTENTION_NAME:
         # modules without a state fall back to SDPA, so the switch need not be undone
         model.set_attn_implementation(ATTENTION_NAME)
     for m in modules:
-        setattr(m, STATE_ATTR, KVState(resolved, m.layer_idx, fixed_prefill=prefill))
+        _set_state(m, KVState(resolved, m.layer_idx, fixed_prefill=prefill))
     return resolved
 
 
@@ -119,8 +118,12 @@ def kv_policy(
         yield apply_kv_policy(model, policy, prefill)
     finally:
         for m, state in zip(modules, before, strict=True):
-            if state is None:
-                if hasattr(m, STATE_ATTR):
-                    delattr(m, STATE_ATTR)
-            else:
-                setattr(m, STATE_ATTR, state)
+            _set_state(m, state)
+
+
+def _set_state(module: nn.Module, state: KVState | None) -> None:
+    """Give ``module`` its policy state, or remove it (None: the module attends densely)."""
+    if state is not None:
+        setattr(module, STATE_ATTR, state)
+    elif hasattr(module, STATE_ATTR):
+        delattr(module, STATE_ATTR)
