@@ -31,7 +31,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from tersa.compress.lossless import decode_container, encode_container
+from tersa.compress.lossless import VERSION, decode_container, encode_container
+from tersa.compress.lossless.spec import MAGIC
 from tersa.errors import ContainerError
 
 MAX_OUTPUT = 4 << 20
@@ -60,11 +61,7 @@ def _split(data: bytes) -> tuple[dict, bytes]:
 
 def _join(doc: dict, payload: bytes) -> bytes:
     header = json.dumps(doc, separators=(",", ":")).encode()
-    return (
-        struct.pack("<8sIII", b"\x89TERSA\r\n", 1, len(header), zlib.crc32(header))
-        + header
-        + payload
-    )
+    return struct.pack("<8sIII", MAGIC, VERSION, len(header), zlib.crc32(header)) + header + payload
 
 
 def _tamper_value(rng: random.Random, v: object) -> object:

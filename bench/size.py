@@ -64,6 +64,17 @@ def zstd_bits(data: bytes, level: int) -> int:
     return 8 * len(zstandard.ZstdCompressor(level=level).compress(data))
 
 
+def warm_up() -> None:
+    """Compile the rANS coder for every output type before anything is timed (numba compiles on
+    first use, once per machine: the result is cached on disk)."""
+    small = {
+        "bf16": torch.randn(64, 64).to(torch.bfloat16),
+        "f32": torch.randn(64, 64),
+        "i32": torch.randint(0, 2**31 - 1, (64, 64), dtype=torch.int32),
+    }
+    decode_container(b"".join(encode_container(small)[0]))
+
+
 def lossless(tensors: dict[str, torch.Tensor]) -> tuple[int, float, float]:
     """(container bits, encode MB/s, decode MB/s) of ``tensors``; checks the round trip."""
     raw = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -162,6 +173,7 @@ def main() -> None:
     p.add_argument("--export", type=Path, help="also measure this export folder (e.g. an L2 one)")
     args = p.parse_args()
     torch.set_num_threads(1)
+    warm_up()
     table = Rows(title="bits per parameter (lossless; MB/s: one thread, of decoded bytes)")
     for col in ("weights", "coder", "params", "bits/param", "encode MB/s", "decode MB/s"):
         table.add_column(col, justify="left" if col in ("weights", "coder") else "right")

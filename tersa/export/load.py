@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from tersa.compress.lossless import read_container
+from tersa.compress.lossless.spec import RETIRED_VERSIONS as LOSSLESS_RETIRED
 from tersa.compress.lossless.spec import SUPPORTED_VERSIONS as LOSSLESS_VERSIONS
 from tersa.errors import ExportError
 from tersa.export.build import check_tensor_specs, finish_modules, place_modules, tensor_specs
@@ -107,6 +108,12 @@ def lossless_file(qc: object, where: str) -> str | None:
         raise ExportError(
             f"'{where}': quantization_config.tersa.lossless must be "
             f'{{"file": "{LOSSLESS_FILE}", "version": N}}, not {record!r}; re-export the model'
+        )
+    if record.get("version") in LOSSLESS_RETIRED:
+        raise ExportError(
+            f"'{where}' stores its tensors in lossless container version {record['version']}, "
+            f"written by an earlier tersa and no longer read (this tersa reads "
+            f"{', '.join(map(str, LOSSLESS_VERSIONS))}); export the model again"
         )
     if record.get("version") not in LOSSLESS_VERSIONS:
         raise ExportError(

@@ -48,7 +48,7 @@ def test_quantized_round_trip_identical_logits(tmp_path: Path) -> None:
     assert not (tmp_path / "model.safetensors").exists()
     qc = _qc(tmp_path)
     assert qc["quant_method"] == "tersa"
-    assert qc["tersa"]["lossless"] == {"file": "model.tersa", "version": 1}
+    assert qc["tersa"]["lossless"] == {"file": "model.tersa", "version": 2}
     ids = torch.randint(0, 300, (2, 13))
     assert torch.equal(_logits(load_export(tmp_path), ids), _logits(model, ids))
 
@@ -91,10 +91,18 @@ def test_corrupt_container_and_bad_record(tmp_path: Path) -> None:
         load_export(tmp_path)
     path.write_bytes(good)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"]["tersa"]["lossless"] = {"file": "../x.tersa", "version": 1}
+    config["quantization_config"]["tersa"]["lossless"] = {"file": "../x.tersa", "version": 2}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match=r"tersa\.lossless must be"):
         load_export(tmp_path)
+    config["quantization_config"]["tersa"]["lossless"] = {"file": "model.tersa", "version": 1}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError) as info:
+        load_export(tmp_path)
+    assert str(info.value) == (
+        f"'{tmp_path}' stores its tensors in lossless container version 1, written by an earlier "
+        "tersa and no longer read (this tersa reads 2); export the model again"
+    )
 
 
 def test_recipe_run_and_inspect_show_the_coders(tmp_path: Path, capsys) -> None:

@@ -1,7 +1,7 @@
 """Lossless entropy coding of export tensors in a checked container (``model.tersa``).
 
-Float tensors code their exponent and top mantissa bits with static frequency tables (ANS, via
-``constriction``) and keep sign and low mantissa bits raw (:mod:`.floats`); integer tensors code
+Float tensors code their exponent and top mantissa bits with static frequency tables (rANS,
+:mod:`.ans`) and keep sign and low mantissa bits raw (:mod:`.floats`); integer tensors code
 their bytes or 4-bit halves (:mod:`.ints`). The container (:mod:`.container`, layout and limits in
 :mod:`.spec`) checks every declared size before allocating and every checksum before decoding.
 """

@@ -28,6 +28,7 @@ from tersa.compress.lossless.spec import (
     MAGIC,
     MAX_HEADER_BYTES,
     PREAMBLE_BYTES,
+    RETIRED_VERSIONS,
     SLACK_BYTES,
     SUPPORTED_VERSIONS,
     VERSION,
@@ -216,6 +217,12 @@ def _check_preamble(preamble: memoryview, size: int) -> int:
     magic, version, length, _ = _PREAMBLE.unpack(preamble)
     if magic != MAGIC:
         raise ContainerError(f"not a tersa lossless container (magic bytes {magic!r})")
+    if version in RETIRED_VERSIONS:
+        raise ContainerError(
+            f"container format version {version} was written by an earlier tersa and is no "
+            f"longer read (this tersa reads {', '.join(map(str, SUPPORTED_VERSIONS))}); "
+            "export the model again"
+        )
     if version not in SUPPORTED_VERSIONS:
         raise ContainerError(
             f"container format version {version} is not supported (this tersa reads "

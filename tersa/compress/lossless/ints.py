@@ -22,8 +22,8 @@ from tersa.errors import ContainerError
 
 SEGMENT_OVERHEAD = 40  # header bytes per segment, counted in the size estimate
 # Nibbles must save this much to be chosen over bytes. W4-g128 RTN codes of the embedded model
-# (bench/size.py): bytes 3.631 bits per code, nibbles 3.627 (entropy 3.622), and bytes decode at
-# 27 MB/s against 21 (constriction decodes about as many symbols per second either way).
+# (bench/size.py): bytes 3.631 bits per code, nibbles 3.627 (entropy 3.622). The coder decodes a
+# byte symbol as fast as a nibble one, so bytes give twice the output per decoded symbol.
 NIBBLE_GAIN = 0.005
 
 

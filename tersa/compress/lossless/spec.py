@@ -1,10 +1,10 @@
-"""Constants of the lossless container, version 1: magic, dtypes, the entropy coder's precision and
+"""Constants of the lossless container, version 2: magic, dtypes, the entropy coder's precision and
 the hard limits every declared size is checked against before anything is allocated.
 
 The byte layout (all integers little-endian)::
 
     offset 0   magic            8 bytes  b"\\x89TERSA\\r\\n"
-    offset 8   version          u32      1
+    offset 8   version          u32      2
     offset 12  header length H  u32      at most MAX_HEADER_BYTES
     offset 16  header crc32     u32      zlib.crc32 of the header bytes
     offset 20  header           H bytes  UTF-8 JSON, see :mod:`tersa.compress.lossless.header`
@@ -20,13 +20,16 @@ import torch
 
 MAGIC = b"\x89TERSA\r\n"  # the 0x89 byte and CR LF catch 7-bit and text-mode transfers, as in PNG
 FORMAT_NAME = "tersa-lossless"
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+# Version 1 coded its ANS chunks with constriction (a different stream format); version 2 with
+# tersa's own table-driven rANS (:mod:`tersa.compress.lossless.ans`). Nothing else changed.
+VERSION = 2
+SUPPORTED_VERSIONS = (2,)
+RETIRED_VERSIONS = (1,)
 PREAMBLE_BYTES = 20  # magic, version, header length, header crc32
 CONTAINER_FILE = "model.tersa"
 
-# Frequency tables sum to 2**PRECISION; constriction re-quantizes them to its own 24 bits, the same
-# way when encoding and decoding (Categorical, perfect=False).
+# Frequency tables sum to 2**PRECISION; the rANS coder uses them as stored (a 32K-entry lookup
+# table per context decodes a symbol with one load).
 PRECISION = 15
 TOTAL = 1 << PRECISION
 CHUNK_SYMBOLS = 1 << 22  # symbols per ANS chunk the encoder writes (4M: each decodes on its own)

@@ -50,16 +50,16 @@ def decode_symbols(
     plan = _chunks_per_context(segments[1:], sizes, where)
     alphabet = table.alphabet.astype(dtype)
     parts = []
-    for ctx, chunks in enumerate(plan):
-        if not chunks:
-            parts.append(np.zeros(0, dtype))
-            continue
-        m = ans.model(table.freqs[ctx])
-        decoded = [
-            ans.decode(s.data, m, s.symbols, table.alphabet.size, f"{where}, context {ctx}")
-            for s in chunks
-        ]
-        parts.append(alphabet[decoded[0] if len(decoded) == 1 else np.concatenate(decoded)])
+    for ctx, (chunks, size) in enumerate(zip(plan, sizes, strict=True)):
+        part = np.empty(size, dtype)
+        if chunks:
+            m = ans.Model(table.freqs[ctx])
+            start = 0
+            for s in chunks:
+                out = part[start : start + s.symbols]
+                ans.decode(s.data, m, alphabet, out, f"{where}, context {ctx}")
+                start += s.symbols
+        parts.append(part)
     return grouping.join(parts, shape, dtype)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tersa.compress.lossless import decode_container, encode_container, read_index
+from tersa.compress.lossless import VERSION, decode_container, encode_container, read_index
 from tersa.errors import ContainerError, ExportError
 
 
@@ -30,7 +30,7 @@ def _rebuild(parts: list[bytes], edit: Callable[[dict, list[bytes]], None] | Non
         edit(doc, payload)
     header = json.dumps(doc, separators=(",", ":")).encode()
     return (
-        struct.pack("<8sIII", parts[0][:8], 1, len(header), zlib.crc32(header))
+        struct.pack("<8sIII", parts[0][:8], VERSION, len(header), zlib.crc32(header))
         + header
         + b"".join(payload)
     )
@@ -57,8 +57,54 @@ def test_unknown_version() -> None:
     data = bytearray(_rebuild(_parts()))
     data[8:12] = (7).to_bytes(4, "little")
     assert _error(bytes(data)) == (
-        "container format version 7 is not supported (this tersa reads 1); upgrade tersa"
+        "container format version 7 is not supported (this tersa reads 2); upgrade tersa"
     )
+
+
+def test_retired_version() -> None:
+    """Version 1 coded its chunks with constriction; its streams are not rANS streams."""
+    data = bytearray(_rebuild(_parts()))
+    data[8:12] = (1).to_bytes(4, "little")
+    assert _error(bytes(data)) == (
+        "container format version 1 was written by an earlier tersa and is no longer read "
+        "(this tersa reads 2); export the model again"
+    )
+
+
+def _edit_chunk(change: Callable[[bytearray], bytes]) -> bytes:
+    """The container with the first ANS chunk of 'w' replaced by ``change(chunk)``, its length
+    and checksum updated so that only the ANS decoder can notice."""
+
+    def edit(doc: dict, payload: list[bytes]) -> None:
+        segs = doc["tensors"][0]["segments"]
+        i = next(j for j, s in enumerate(segs) if s[0] == "ans")
+        start = sum(s[1] for s in segs[:i])
+        chunk = change(bytearray(payload[0][start : start + segs[i][1]]))
+        payload[0] = payload[0][:start] + chunk + payload[0][start + segs[i][1] :]
+        segs[i][1:3] = [len(chunk), zlib.crc32(chunk)]
+
+    parts = _parts()
+    return _rebuild([parts[0], parts[1], b"".join(parts[2:])], edit)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda c: bytes(c[:4]) + bytes(4) + bytes(c[8:]), "its initial state is below 2**32"),
+        (lambda c: bytes(c[:-8]), "it ends before its symbols do"),
+        (lambda c: bytes(c) + bytes(4), "it holds more data than its symbols"),
+        (lambda c: bytes(c[:-1]), "ANS chunk of {n} bytes is not whole 32-bit words"),
+    ],
+)
+def test_corrupt_ans_chunk(change: Callable[[bytearray], bytes], reason: str) -> None:
+    """Every way a chunk can be wrong, found by the decoder (its checksum was made to match)."""
+    message = _error(_edit_chunk(change))
+    prefix = "tensor 'w', context 0: "
+    if "{n}" in reason:
+        n = int(message.removeprefix(prefix + "ANS chunk of ").split()[0])
+        assert message == prefix + reason.format(n=n) and n % 4 == 3
+    else:
+        assert message == prefix + f"ANS chunk does not decode ({reason})"
 
 
 def test_truncated_preamble() -> None:
@@ -174,7 +220,7 @@ def test_frequency_table_that_does_not_sum() -> None:
 def test_header_not_json() -> None:
     parts = _parts()
     header = b"{not json"
-    data = struct.pack("<8sIII", parts[0][:8], 1, len(header), zlib.crc32(header)) + header
+    data = struct.pack("<8sIII", parts[0][:8], VERSION, len(header), zlib.crc32(header)) + header
     assert _error(data).startswith("container header is not valid JSON (")
 
 

@@ -117,12 +117,12 @@ def test_golden_preamble_and_header() -> None:
     """The fixed bytes of a small container: magic, version, header length and crc32, header."""
     blob = _blob({"a": torch.arange(4, dtype=torch.int8)}, {"m": "1"})
     header = (
-        b'{"format":"tersa-lossless","version":1,"metadata":{"m":"1"},"tensors":[{"name":"a",'
+        b'{"format":"tersa-lossless","version":2,"metadata":{"m":"1"},"tensors":[{"name":"a",'
         b'"dtype":"int8","shape":[4],"crc32":2344191507,"codec":"raw","params":{},'
         b'"segments":[["raw",4,2344191507,0]]}]}'
     )
     assert blob[:8] == MAGIC == b"\x89TERSA\r\n"
-    assert blob[8:12] == (1).to_bytes(4, "little")
+    assert blob[8:12] == (2).to_bytes(4, "little")
     assert int.from_bytes(blob[12:16], "little") == len(header)
     assert int.from_bytes(blob[16:20], "little") == zlib.crc32(header)
     assert blob[20:] == header + bytes([0, 1, 2, 3])
