@@ -25,9 +25,10 @@ def open_model(
     from tersa.kv.train.trained import TRAINED_PREFIX, is_ratplus_folder, load_trained
 
     path = Path(spec)
-    if spec.startswith(TRAINED_PREFIX) or (path.is_dir() and is_ratplus_folder(path)):
-        return load_trained(spec, dtype)
-    if not spec.startswith("embedded:") and path.is_dir() and is_tersa_export(path):
+    # An export is checked first: a compressed RAT+ model is also a RAT+ folder, and only
+    # load_export keeps tersa's quantized linears (transformers would dequantize them).
+    export = not spec.startswith(("embedded:", TRAINED_PREFIX)) and path.is_dir()
+    if export and is_tersa_export(path):
         model = load_export(path)
         if dtype != _float_dtype(model):
             model = model.to(dtype)
@@ -38,6 +39,8 @@ def open_model(
                 f"'{path}' has no usable tokenizer ({e}); copy it from the source"
             ) from None
         return model, tokenizer, path
+    if spec.startswith(TRAINED_PREFIX) or (path.is_dir() and is_ratplus_folder(path)):
+        return load_trained(spec, dtype)
     return load_model(spec, dtype=dtype)
 
 

@@ -273,7 +273,8 @@ class RatPlusModel(RatPlusPreTrainedModel):
         past = 0 if cache is None else cache.get_seq_length()
         positions = torch.arange(past, past + x.shape[1], device=x.device)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, None if cache is None else cache[i])
+            # keywords: tersa's block-by-block calibration replays a block's keyword arguments
+            x = layer(x, positions=positions, cache=None if cache is None else cache[i])
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=cache)
 
 

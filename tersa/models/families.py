@@ -6,24 +6,33 @@ Every path here was read off ``named_modules()`` of a model built from ``tiny_co
 
 from __future__ import annotations
 
-from tersa.models.layout import Adapter, AttentionLayout, NormGroup, ScalePair
+from tersa.models.layout import Adapter, AttentionLayout, ConfigLinear, NormGroup, ScalePair
 
 
-def _llama_like(model_type: str, qk_norm: bool = False) -> Adapter:
-    """Llama, Mistral, Qwen2 and Qwen3 share one layout (Qwen3 adds per-head q/k RMSNorm)."""
+def _llama_like(
+    model_type: str,
+    qk_norm: bool = False,
+    rotary: bool = True,
+    gates: tuple[str, ...] = (),
+    conditional: tuple[ConfigLinear, ...] = (),
+) -> Adapter:
+    """Llama, Mistral, Qwen2 and Qwen3 share one layout (Qwen3 adds per-head q/k RMSNorm); RAT+
+    has no rotary module and more linears (``gates``) reading the attention norm."""
     return Adapter(
         model_type=model_type,
         causal=True,
         base="model",
         blocks="model.layers",
         # RoPE tables are a module on the bare model, computed once before the first block.
-        embeddings=("model.embed_tokens", "model.rotary_emb"),
+        embeddings=("model.embed_tokens", "model.rotary_emb")
+        if rotary
+        else ("model.embed_tokens",),
         final_norm="model.norm",
         lm_head="lm_head",
         norm_groups=(
             NormGroup(
                 "input_layernorm",
-                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", *gates),
                 "attention",
             ),
             NormGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
@@ -44,6 +53,7 @@ def _llama_like(model_type: str, qk_norm: bool = False) -> Adapter:
             k_norm="self_attn.k_norm" if qk_norm else None,
         ),
         mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        conditional=conditional,
     )
 
 
@@ -136,6 +146,17 @@ BERT = Adapter(
     mlp=("intermediate.dense", "output.dense"),
 )
 
+# tersa's RAT+ (tersa/kv/modeling_ratplus.py): Llama's layout, with RoPE computed inside the
+# attention (no rotary module) and two more consumers of the attention norm, the output gate and
+# (in recurrent blocks only; not in the plain-attention twin) the forget gate. v → o stays exact:
+# the recurrence, the attention and the output gate all act per channel on v.
+RATPLUS = _llama_like(
+    "ratplus",
+    rotary=False,
+    gates=("self_attn.out_gate_proj", "self_attn.forget_gate_proj"),
+    conditional=(ConfigLinear("self_attn.forget_gate_proj", "attention", "ratplus"),),
+)
+
 # The registry: HF model_type → Adapter. Adding a family means adding one line here.
 ADAPTERS: dict[str, Adapter] = {
     "llama": _llama_like("llama"),
@@ -145,4 +166,5 @@ ADAPTERS: dict[str, Adapter] = {
     "opt": OPT,
     "gpt2": GPT2,
     "bert": BERT,
+    "ratplus": RATPLUS,
 }

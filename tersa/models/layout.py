@@ -10,7 +10,7 @@ the previous block) and ``first_norm`` (top-level): see :class:`NormGroup`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 from transformers import PretrainedConfig
@@ -67,6 +67,15 @@ class ScalePair(NamedTuple):
 
     producer: str
     consumer: str
+
+
+class ConfigLinear(NamedTuple):
+    """A block linear that exists only when ``config.<attr> == value`` (RAT+'s forget gate exists
+    only in its recurrent blocks, not in its plain-attention twin)."""
+
+    linear: str
+    attr: str
+    value: object
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,8 @@ class Adapter:
     :param mlp: the MLP linears in execution order.
     :param pre_norm: the family default placement of norms.
     :param pre_norm_attr: a config flag that overrides ``pre_norm`` (OPT ``do_layer_norm_before``).
+    :param conditional: linears of ``norm_groups`` that only some configs have; the groups of a
+        config without them leave them out.
 
     Optional top-level paths (``project_in``, ``final_norm``) may be absent from a given config;
     resolve them with ``tersa.models.adapters.resolve``, which returns None for a missing module.
@@ -150,6 +161,7 @@ class Adapter:
     post_norm_groups: tuple[NormGroup, ...] = ()
     pre_norm: bool = True
     pre_norm_attr: str | None = None
+    conditional: tuple[ConfigLinear, ...] = ()
 
     def __post_init__(self) -> None:
         # norm_groups serve pre-norm configs unless the family is post-norm with no config flag;
@@ -171,12 +183,20 @@ class Adapter:
 
     def norm_groups_for(self, config: PretrainedConfig) -> tuple[NormGroup, ...]:
         """The norm → linears wiring for this config (differs for post-norm OPT)."""
+        groups = self.norm_groups
         if self.pre_norm_attr is not None and not self.is_pre_norm(config):
-            return self.post_norm_groups
-        return self.norm_groups
+            groups = self.post_norm_groups
+        absent = {c.linear for c in self.conditional if getattr(config, c.attr, None) != c.value}
+        if not absent:
+            return groups
+        return tuple(
+            replace(g, linears=tuple(n for n in g.linears if n not in absent)) for g in groups
+        )
 
     def linears(self) -> tuple[str, ...]:
-        """Every linear of a block (attention then MLP), each once."""
+        """Every linear of a block (attention, other norm consumers such as RAT+'s gates, then
+        MLP), each once; ``conditional`` ones included."""
         a = self.attention
-        names = (a.q, a.k, a.v, a.o, *self.mlp)
+        groups = (*self.norm_groups, *self.post_norm_groups)
+        names = (a.q, a.k, a.v, a.o, *(n for g in groups for n in g.linears), *self.mlp)
         return tuple(dict.fromkeys(names))

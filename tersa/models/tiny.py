@@ -37,6 +37,8 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
     "gpt2": {"n_inner": 128},
     "bert": {"intermediate_size": 128},
+    # tersa's RAT+ (recurrent blocks; attention="attention" gives its plain-attention twin).
+    "ratplus": {**_LLAMA_LIKE, "intermediate_size": 128, "scan_chunk": 4},
 }
 # Frequent English pairs, so the tokenizer merges a little like a real BPE (Ġ is a leading space).
 _MERGES = [

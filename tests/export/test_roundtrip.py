@@ -46,7 +46,7 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "ratplus"])
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_round_trip_logits_identical(tmp_path: Path, family: str, scheme: str) -> None:
     model = _quantized(family, *SCHEMES[scheme])

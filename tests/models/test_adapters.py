@@ -58,6 +58,7 @@ def test_supported_model_types_sorted() -> None:
         "opt",
         "qwen2",
         "qwen3",
+        "ratplus",
     ]
     assert sorted(FAMILIES) == supported_model_types()
 
@@ -65,7 +66,7 @@ def test_supported_model_types_sorted() -> None:
 def test_unsupported_model_type_message() -> None:
     expected = (
         "unsupported model_type 'xyz'; "
-        "tersa supports: bert, gpt2, llama, mistral, opt, qwen2, qwen3"
+        "tersa supports: bert, gpt2, llama, mistral, opt, qwen2, qwen3, ratplus"
     )
     with pytest.raises(ModelError) as err:
         get_adapter("xyz")
@@ -102,7 +103,7 @@ def test_attention_shapes(family_model) -> None:
     config, att = model.config, adapter.attention
     heads, kv, hd = att.num_heads(config), att.num_kv_heads(config), att.head_dim(config)
     assert (heads, hd) == (4, 16)
-    assert kv == (2 if family in {"llama", "mistral", "qwen2", "qwen3"} else 4)
+    assert kv == (2 if family in {"llama", "mistral", "qwen2", "qwen3", "ratplus"} else 4)
     block = get_blocks(model, adapter)[0]
     shape = {n: tuple(linear_weight(get_submodule(block, n)).shape) for n in adapter.linears()}
     if att.fused_qkv:
@@ -144,7 +145,8 @@ def test_norm_groups(family_model) -> None:
 
 @pytest.mark.parametrize(
     ("family", "overrides"),
-    [(f, {}) for f in FAMILIES] + [("opt", {"do_layer_norm_before": False})],
+    [(f, {}) for f in FAMILIES]
+    + [("opt", {"do_layer_norm_before": False}), ("ratplus", {"attention": "attention"})],
 )
 def test_norm_groups_read_their_norm_output(family: str, overrides: dict) -> None:
     """What every group linear multiplies is exactly its producing norm's output, in every block
@@ -308,9 +310,12 @@ def test_scale_pairs_are_exact(family: str) -> None:
     assert adapter.scale_pairs or family == "gpt2"
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "bert"])
-def test_norm_folding_is_exact_when_pre_norm(family: str) -> None:
-    model = tiny_model(family)
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [(f, {}) for f in FAMILIES if f != "bert"] + [("ratplus", {"attention": "attention"})],
+)
+def test_norm_folding_is_exact_when_pre_norm(family: str, overrides: dict) -> None:
+    model = tiny_model(family, **overrides)
     adapter = get_adapter(model)
     ref = _logits(model)
     with torch.no_grad():
@@ -324,3 +329,17 @@ def test_norm_folding_is_exact_when_pre_norm(family: str) -> None:
                 for name in group.linears:
                     linear_weight(get_submodule(block, name)).mul_(s[None, :])
     torch.testing.assert_close(_logits(model), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ratplus_gates_join_the_attention_group_when_present() -> None:
+    """RAT+'s output gate reads the attention norm in both kinds; its forget gate exists (and is
+    in the group) only in recurrent blocks, not in the plain-attention twin."""
+    adapter = get_adapter("ratplus")
+    recurrent = adapter.norm_groups_for(tiny_config("ratplus"))[0].linears
+    twin = adapter.norm_groups_for(tiny_config("ratplus", attention="attention"))[0].linears
+    assert recurrent[3:] == ("self_attn.out_gate_proj", "self_attn.forget_gate_proj")
+    assert twin == recurrent[:4]
+    assert (
+        tiny_model("ratplus", attention="attention").model.layers[0].self_attn.forget_gate_proj
+        is None
+    )

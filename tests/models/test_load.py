@@ -17,7 +17,7 @@ from tersa.models.embedded import EMBEDDED, MARKER, ensure_embedded, find_gguf
 from tersa.models.load import load_model, model_max_length
 from tersa.models.tiny import save_tiny_checkpoint, tiny_config, tiny_families, tiny_model
 
-SUPPORTED = "bert, gpt2, llama, mistral, opt, qwen2, qwen3"
+SUPPORTED = "bert, gpt2, llama, mistral, opt, qwen2, qwen3, ratplus"
 
 
 @pytest.fixture(scope="module")
