@@ -130,6 +130,30 @@ def test_all_pages_is_full_attention(hq: int, hkv: int, length: int, page: int) 
     torch.testing.assert_close(out, dense_attention(q, k, v, length, 0.4))
 
 
+def test_per_kv_head_selection_is_the_policy_mask() -> None:
+    """quest_attention(per_kv_head=True) attends where the policy's mask (heads: kv) does: every
+    head of a group gets the pages of the group's summed scores."""
+    from tersa.kv.policies import QuestPolicy
+    from tersa.kv.policies.select import page_mask
+
+    b, hq, hkv, d, length, page = 2, 6, 2, 5, 37, 4
+    q, k, v = make(b, hq, hkv, 40, d, length, torch.float64)
+    out, pages = quest_attention(q, k, v, length, page, n_pages=3, scale=0.4, per_kv_head=True)
+    assert torch.equal(pages, pages[:, ::3].repeat_interleave(3, 1))  # one set per group
+    mask = page_mask(
+        QuestPolicy(budget=12, page=page, heads="kv"),
+        q[:, :, None].float(),
+        k[:, :, :length].float(),
+        torch.tensor([length - 1]),
+        torch.arange(length),
+    )[:, :, 0]  # [B, Hq, Tk]
+    kk = k[:, :, :length].repeat_interleave(3, 1)
+    vv = v[:, :, :length].repeat_interleave(3, 1)
+    logits = torch.einsum("bhd,bhnd->bhn", q, kk) * 0.4
+    want = torch.einsum("bhn,bhnd->bhd", logits.masked_fill(~mask, -torch.inf).softmax(-1), vv)
+    torch.testing.assert_close(out, want)
+
+
 def test_decode_equals_attention_over_explicit_token_list() -> None:
     b, hq, hkv, d, length, page = 2, 4, 2, 5, 37, 8
     q, k, v = make(b, hq, hkv, 40, d, length, torch.float64)

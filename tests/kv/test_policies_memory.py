@@ -23,6 +23,8 @@ ENTRY = 64
         # 25 keys -> 2 pages of 16 = 32 keys, read by both query heads of a KV head; 7 pages
         # of bounds, one entry each
         ({"name": "quest", "budget": 0.25, "page": 16}, 107, 2 * 32 + 7),
+        # heads: kv, one selection per KV head: the pages are read once
+        ({"name": "quest", "budget": 0.25, "page": 16, "heads": "kv"}, 107, 32 + 7),
         # 25 keys -> 1 block of 32 read twice; 4 block means, half an entry each
         ({"name": "moba", "budget": 0.25, "block": 32}, 102, 2 * 32 + 2),
     ],

@@ -17,7 +17,13 @@ POLICIES = [
     {"name": "snapkv", "budget": 0.3, "window": 4},
     {"name": "quest", "budget": 8, "page": 4},
     {"name": "moba", "budget": 0.25, "block": 4},
+    {"name": "quest", "budget": 8, "page": 4, "heads": "kv"},
+    {"name": "moba", "budget": 0.25, "block": 4, "heads": "kv"},
 ]
+
+
+def _id(policy: dict) -> str:
+    return policy["name"] + ("-kv" if policy.get("heads") == "kv" else "")
 
 
 def models():
@@ -37,7 +43,7 @@ def logits(model, ids, policy=None, prefill=None):
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p["name"])
+@pytest.mark.parametrize("policy", POLICIES, ids=_id)
 def test_budget_one_is_dense_exactly(arch: str, policy: dict) -> None:
     model, ids = MODELS[arch], random_ids(2, 30)
     dense = logits(model, ids)
@@ -45,7 +51,7 @@ def test_budget_one_is_dense_exactly(arch: str, policy: dict) -> None:
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p["name"])
+@pytest.mark.parametrize("policy", POLICIES, ids=_id)
 def test_forced_full_budget_math_is_dense(arch: str, policy: dict) -> None:
     """The policy path itself (not skipped) at budget 1.0 agrees with dense attention."""
     model, ids = MODELS[arch], random_ids(1, 30)
@@ -70,7 +76,7 @@ class _AlwaysActive(KVState):
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p["name"])
+@pytest.mark.parametrize("policy", POLICIES, ids=_id)
 def test_one_pass_equals_generation(arch: str, policy: dict) -> None:
     """generate (prompt prefilled, then cached decode steps) under the policy gives the tokens
     and scores of one teacher-forced pass with ``prefill = prompt − 1``."""
@@ -87,7 +93,7 @@ def test_one_pass_equals_generation(arch: str, policy: dict) -> None:
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p["name"])
+@pytest.mark.parametrize("policy", POLICIES, ids=_id)
 def test_small_budget_changes_decode_only(arch: str, policy: dict) -> None:
     model, ids = MODELS[arch], random_ids(1, 40, seed=5)
     dense, sparse = logits(model, ids), logits(model, ids, policy, prefill=24)

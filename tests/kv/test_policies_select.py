@@ -38,14 +38,25 @@ def test_streaming_matches_brute_force(budget) -> None:
 
 
 def brute_pages(policy, q, k, q_pos, k_pos):
-    """Per query and head: score each earlier page by the rule, keep the best ones plus its own."""
+    """Per query and head: score each earlier page by the rule (summed over the heads of the KV
+    head's group with ``heads: kv``), keep the best ones plus its own."""
     size = policy.page if isinstance(policy, QuestPolicy) else policy.block
     b, hq, tq, _ = q.shape
     group = hq // k.shape[1]
     out = torch.zeros(b, hq, tq, k_pos.numel(), dtype=torch.bool)
+
+    def score(qv, ks):
+        if isinstance(policy, QuestPolicy):
+            lo, hi = ks.min(0).values, ks.max(0).values
+            return torch.maximum(qv * lo, qv * hi).sum()
+        return qv @ ks.mean(0)
+
     for bi in range(b):
         for h in range(hq):
             keys = k[bi, h // group]
+            scorers = [h]
+            if policy.heads == "kv":
+                scorers = list(range(h // group * group, (h // group + 1) * group))
             for i, t in enumerate(q_pos.tolist()):
                 own = t // size
                 budget = policy.tokens(t + 1)
@@ -55,12 +66,8 @@ def brute_pages(policy, q, k, q_pos, k_pos):
                     ks = keys[(k_pos // size) == p]
                     if ks.numel() == 0:
                         continue
-                    if isinstance(policy, QuestPolicy):
-                        lo, hi = ks.min(0).values, ks.max(0).values
-                        s = torch.maximum(q[bi, h, i] * lo, q[bi, h, i] * hi).sum()
-                    else:
-                        s = q[bi, h, i] @ ks.mean(0)
-                    scored.append((-float(s), p))
+                    s = sum(float(score(q[bi, g, i], ks)) for g in scorers)
+                    scored.append((-s, p))
                 chosen = {p for _, p in sorted(scored)[: keep - 1]} | {own}
                 for j, pos in enumerate(k_pos.tolist()):
                     out[bi, h, i, j] = pos <= t and pos // size in chosen
@@ -69,13 +76,29 @@ def brute_pages(policy, q, k, q_pos, k_pos):
 
 @pytest.mark.parametrize("cls", [QuestPolicy, MobaPolicy])
 @pytest.mark.parametrize("budget", [0.25, 7, 1.0])
-def test_page_selection_matches_brute_force(cls, budget) -> None:
+@pytest.mark.parametrize("heads", ["query", "kv"])
+def test_page_selection_matches_brute_force(cls, budget, heads: str) -> None:
     size_field = "page" if cls is QuestPolicy else "block"
-    policy = cls(budget=budget, **{size_field: 4})
-    q, k = qk(2, 4, 2, 5, 23)
+    policy = cls(budget=budget, heads=heads, **{size_field: 4})
+    q, k = qk(2, 6, 2, 5, 23)  # groups of 3 query heads
     q_pos, k_pos = torch.arange(18, 23), torch.arange(23)
     got = page_mask(policy, q, k, q_pos, k_pos)
     assert torch.equal(got, brute_pages(policy, q, k, q_pos, k_pos))
+    groups = got.unflatten(1, (2, 3))  # [B, Hkv, G, Tq, Tk]
+    shared = bool((groups == groups[:, :, :1]).all())
+    assert shared == (heads == "kv" or budget == 1.0)  # query heads differ on these random q
+
+
+def test_kv_head_selection_reads_the_budget_once_per_group() -> None:
+    """With heads: kv a group's union of pages is one budget; per query head it is up to G."""
+    q, k = qk(1, 8, 2, 1, 64, seed=7)
+    q_pos, k_pos = torch.tensor([63]), torch.arange(64)
+    for heads, most in (("kv", 16), ("query", 4 * 16)):
+        mask = page_mask(QuestPolicy(budget=16, page=4, heads=heads), q, k, q_pos, k_pos)
+        union = mask.unflatten(1, (2, 4)).any(2)  # [B, Hkv, Tq, Tk]: what each KV head serves
+        assert int(union.sum(-1).max()) <= most
+        if heads == "query":
+            assert int(union.sum(-1).max()) > 16
 
 
 def test_page_selection_over_a_sparse_cache() -> None:
@@ -126,7 +149,9 @@ def test_snapkv_matches_brute_force(budget, past_end: int) -> None:
 
 
 def test_make_policy_messages() -> None:
-    assert make_policy({"name": "quest", "budget": 0.125, "page": 8}) == QuestPolicy(0.125, 0, 8)
+    assert make_policy({"name": "quest", "budget": 0.125, "page": 8}) == QuestPolicy(
+        0.125, 0, 8, "query"
+    )
     assert make_policy(None).name == "dense"
     with pytest.raises(RecipeError) as err:
         make_policy({"name": "h2o"})
@@ -136,8 +161,11 @@ def test_make_policy_messages() -> None:
     with pytest.raises(RecipeError) as err:
         make_policy({"name": "quest", "block": 8})
     assert str(err.value) == (
-        "unknown option(s) block for KV policy 'quest'; allowed: budget, dense_layers, page"
+        "unknown option(s) block for KV policy 'quest'; allowed: budget, dense_layers, page, heads"
     )
+    with pytest.raises(RecipeError) as err:
+        make_policy({"name": "moba", "heads": "all"})
+    assert str(err.value) == "moba.heads must be one of 'query', 'kv', got 'all'"
     with pytest.raises(RecipeError, match=r"a fractional budget must be in \(0, 1\], got 1.5"):
         make_policy({"name": "streaming", "budget": 1.5})
     with pytest.raises(RecipeError, match="a token budget must be >= 1, got 0"):

@@ -15,6 +15,7 @@ from tersa.kernels.quest_decode.reference import (
     quest_page_bounds,
     quest_page_scores_reference,
     quest_select,
+    quest_share_scores,
 )
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "quest_page_scores",
     "quest_page_scores_reference",
     "quest_select",
+    "quest_share_scores",
 ]
 
 
@@ -96,15 +98,20 @@ def quest_attention(
     page: int,
     n_pages: int,
     scale: float | None = None,
+    per_kv_head: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Quest decode step from the raw cache: bounds, scores, selection, sparse attention.
 
     Recomputes every page's bounds (a pass over all keys); a serving cache keeps them instead and
     calls the three steps itself. Arguments as in :func:`quest_decode`, ``n_pages >= 1`` pages
-    per query head.
+    per query head; with ``per_kv_head`` the heads of a group share one selection, made on their
+    summed scores (:func:`quest_share_scores`).
 
     :returns: ``(out [B, Hq, d] in q's dtype, pages [B, Hq, min(n_pages, P)] int64)``.
     """
     kmin, kmax = quest_page_bounds(keys, length, page)
-    pages = quest_select(quest_page_scores(q, kmin, kmax), n_pages)
+    scores = quest_page_scores(q, kmin, kmax)
+    if per_kv_head:
+        scores = quest_share_scores(scores, keys.shape[1])
+    pages = quest_select(scores, n_pages)
     return quest_decode(q, keys, values, pages, length, page, scale), pages

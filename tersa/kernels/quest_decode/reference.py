@@ -143,6 +143,20 @@ def quest_page_scores_reference(
     return torch.maximum(qq * lo, qq * hi).sum(-1).float()
 
 
+def quest_share_scores(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Each query head's page scores replaced by their sum over its KV head's group, so that
+    every head of a group selects the same pages (one page set per KV head).
+
+    :param scores: ``[B, Hq, ..., P]`` page scores; query head ``h`` reads KV head
+        ``h // (Hq // kv_heads)``.
+    :returns: the same shape.
+    """
+    group = scores.shape[1] // kv_heads
+    if group == 1:
+        return scores
+    return scores.unflatten(1, (kv_heads, group)).sum(2).repeat_interleave(group, 1)
+
+
 def quest_select(scores: torch.Tensor, n_pages: int) -> torch.Tensor:
     """The pages each query head attends to: the last page plus the best-scored others.
 

@@ -95,7 +95,8 @@ def policy_attention(
         assert isinstance(state.policy, QuestPolicy)
         page, tk = state.policy.page, k.shape[2]
         n_pages = math.ceil(state.policy.tokens(tk) / page)
-        out1, _ = quest_attention(q[:, :, 0], k, v, tk, page, n_pages, scale)
+        shared = state.policy.heads == "kv"
+        out1, _ = quest_attention(q[:, :, 0], k, v, tk, page, n_pages, scale, shared)
         return out1.unsqueeze(2)
     if n_pre < q.shape[2]:
         q_dec, pos_dec = q[:, :, n_pre:], q_pos[n_pre:]

@@ -17,6 +17,11 @@ is a token count. A fraction of 1.0 is dense attention, exactly, for every polic
   blocks per query head, the query's own block always. The full cache stays in memory.
 
 ``dense_layers`` keeps the first layers dense (the Quest paper keeps layers 0 and 1).
+
+Quest and MoBA select per query head by default (``heads: query``, as the papers, written for
+models without grouped KV heads, do). With grouped KV heads each head of a group then reads its
+own pages, so a step reads up to ``Hq/Hkv`` times its budget. ``heads: kv`` sums each page's
+scores over the query heads of a KV head and selects once per KV head: a step reads its budget.
 """
 
 from __future__ import annotations
@@ -47,10 +52,20 @@ class KVPolicy:
     budget: float | int = 1.0
     dense_layers: int = 0
 
+    # Options that take one of a few words rather than an integer.
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+
     def __post_init__(self) -> None:
         _check_budget(self.budget)
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in self.CHOICES:
+                if value not in self.CHOICES[f.name]:
+                    allowed = ", ".join(repr(c) for c in self.CHOICES[f.name])
+                    raise RecipeError(
+                        f"{self.name}.{f.name} must be one of {allowed}, got {value!r}"
+                    )
+                continue
             if f.name != "budget" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise RecipeError(f"{self.name}.{f.name} must be an integer, got {value!r}")
             if f.name != "budget" and value < self.minimum(f.name):
@@ -105,18 +120,24 @@ class SnapKVPolicy(KVPolicy):
 
 @dataclass(frozen=True)
 class QuestPolicy(KVPolicy):
-    """Quest: per decode step, the pages of ``page`` tokens with the highest key-bound scores."""
+    """Quest: per decode step, the pages of ``page`` tokens with the highest key-bound scores,
+    chosen per query head or (``heads: kv``) per KV head."""
 
     name: ClassVar[str] = "quest"
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"heads": ("query", "kv")}
     page: int = 16
+    heads: str = "query"
 
 
 @dataclass(frozen=True)
 class MobaPolicy(KVPolicy):
-    """MoBA: per decode step, the blocks of ``block`` tokens with the highest mean-key gate."""
+    """MoBA: per decode step, the blocks of ``block`` tokens with the highest mean-key gate,
+    chosen per query head or (``heads: kv``) per KV head."""
 
     name: ClassVar[str] = "moba"
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"heads": ("query", "kv")}
     block: int = 64
+    heads: str = "query"
 
 
 POLICIES: dict[str, type[KVPolicy]] = {

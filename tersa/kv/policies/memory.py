@@ -9,12 +9,13 @@ policy        kept                                         read per step
 dense         ``n``                                        ``n``
 streaming     ``min(n, b)`` (evicted)                      ``min(n, b)``
 snapkv        ``min(L, b)`` of the prompt ``L`` (evicted)  as kept
-quest         ``n`` + per page min and max keys            selected pages × ``Hq/Hkv`` + page bounds
-moba          ``n`` + per block mean keys                  selected blocks × ``Hq/Hkv`` + means
+quest         ``n`` + per page min and max keys            selected pages × ``G`` + page bounds
+moba          ``n`` + per block mean keys                  selected blocks × ``G`` + means
 ============  ===========================================  =========================================
 
-Quest and MoBA choose per query head, so with grouped KV heads (``Hq/Hkv > 1``) each head of a
-group reads its own pages: their reads are counted per query head, as their kernels read them.
+Quest and MoBA choose per query head by default, so with grouped KV heads each head of a group
+reads its own pages: their reads are counted per query head (``G = Hq/Hkv``), as their kernels
+read them. With ``heads: kv`` a group shares one selection and ``G = 1``.
 Page bounds (min and max) take one entry's bytes per page, block means half of one. The first
 ``dense_layers`` layers count as dense; a RAT+ layer adds its recurrent state (``2 · Hkv · d``
 float32 numbers). Reads count keys and values only, not the query or the output.
@@ -81,7 +82,8 @@ def layer_entries(policy: KVPolicy, layout: KVLayout, context: int) -> tuple[flo
         pages = math.ceil(n / size)
         summary = pages * (1.0 if isinstance(policy, QuestPolicy) else 0.5)
         selected = min(n, pages_for_budget(policy, n) * size)
-        return n + summary, group * selected + summary
+        readers = 1 if policy.heads == "kv" else group
+        return n + summary, readers * selected + summary
     return n, n
 
 

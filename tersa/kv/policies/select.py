@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tersa.kernels.quest_decode.reference import quest_share_scores
 from tersa.kv.policies.config import (
     KVPolicy,
     MobaPolicy,
@@ -161,6 +162,8 @@ def page_mask(
         scores = qf @ centre.transpose(-1, -2) + qf.abs() @ radius.transpose(-1, -2)
     else:
         scores = qf @ mean.repeat_interleave(group, 1).transpose(-1, -2)
+    if policy.heads == "kv":
+        scores = quest_share_scores(scores, k.shape[1])
     keep = torch.ceil(budget_tokens(policy, q_pos).double() / size).long()
     pages = top_pages(scores, q_pos // size, keep, count > 0)  # [B, Hq, Tq, P]
     token_page = (k_pos // size).view(1, 1, 1, -1).expand(*pages.shape[:3], -1)
