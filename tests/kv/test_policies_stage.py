@@ -33,7 +33,13 @@ def test_combined_export_reloads_weights_and_policy(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = run_recipe(parse_recipe(tiny_recipe(model_dir, text, [W8A8, QUEST])), out)
     stage = result.metrics["stages"][1]["metrics"]
-    assert stage["policy"] == {"name": "quest", "budget": 0.25, "dense_layers": 0, "page": 4}
+    assert stage["policy"] == {
+        "name": "quest",
+        "budget": 0.25,
+        "dense_layers": 0,
+        "page": 4,
+        "heads": "query",
+    }
     # at 64 tokens: 16 keys (4 pages) read by each of the 2 query heads of a KV head, plus one
     # entry's worth of bounds per page (16 pages): (2·16 + 16) / 64; kept: (64 + 16) / 64
     assert (stage["kv_fraction_read"], stage["kv_fraction_kept"]) == (0.75, 1.25)
@@ -77,7 +83,7 @@ def test_policy_alone_exports_float_weights_and_the_policy(tmp_path: Path) -> No
         (
             {"kv": {"policy": "quest", "sinks": 4}},
             "recipe: stages[0].kv: unknown option(s) sinks for KV policy 'quest'; allowed: "
-            "budget, dense_layers, page",
+            "budget, dense_layers, page, heads",
         ),
         (
             {"kv": {"policy": "quest", "budget": 2.5}},

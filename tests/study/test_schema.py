@@ -222,7 +222,7 @@ def test_name_must_be_one_folder_name(tmp_path, name) -> None:
         (
             {"name": "quest", "sinks": 4},
             "policies[0]: unknown option(s) sinks for KV policy 'quest'; allowed: budget, "
-            "dense_layers, page",
+            "dense_layers, page, heads",
         ),
         ({"name": "quest", "page": 0}, "policies[0]: quest.page must be >= 1, got 0"),
         (
