@@ -21,6 +21,7 @@ the L2 stage's exports: run ``tersa run recipes/l2-x10.yaml -o FOLDER`` first).
 
     python bench/size.py                  # about 5 min on one core (zstd-19 is most of it)
     python bench/size.py --skip-minilm --skip-w4 --zstd-level 3   # quick look
+    python bench/size.py --skip-minilm --zstd-level 1 --threads 2  # threaded decoding
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def zstd_bits(data: bytes, level: int) -> int:
     return 8 * len(zstandard.ZstdCompressor(level=level).compress(data))
 
 
+THREADS = 1  # decoding threads (--threads); encoding always runs on one
+
+
 def warm_up() -> None:
     """Compile the rANS coder for every output type before anything is timed (numba compiles on
     first use, once per machine: the result is cached on disk)."""
@@ -82,9 +86,10 @@ def lossless(tensors: dict[str, torch.Tensor]) -> tuple[int, float, float]:
     parts, _ = encode_container(tensors)
     t1 = time.process_time()
     blob = b"".join(parts)
-    t2 = time.process_time()
-    out, _ = decode_container(blob)
-    t3 = time.process_time()
+    clock = time.process_time if THREADS == 1 else time.perf_counter  # threads: wall clock
+    t2 = clock()
+    out, _ = decode_container(blob, workers=THREADS)
+    t3 = clock()
     for k, v in tensors.items():
         assert out[k].reshape(-1).view(torch.uint8).equal(v.reshape(-1).view(torch.uint8)), k
     return 8 * len(blob), raw / (t1 - t0) / 1e6, raw / (t3 - t2) / 1e6
@@ -171,10 +176,16 @@ def main() -> None:
     p.add_argument("--skip-minilm", action="store_true")
     p.add_argument("--skip-w4", action="store_true")
     p.add_argument("--export", type=Path, help="also measure this export folder (e.g. an L2 one)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="decode with this many threads (wall-clock MB/s)"
+    )
     args = p.parse_args()
+    global THREADS
+    THREADS = max(1, args.threads)
     torch.set_num_threads(1)
     warm_up()
-    table = Rows(title="bits per parameter (lossless; MB/s: one thread, of decoded bytes)")
+    speed = "one thread" if THREADS == 1 else f"encode one thread, decode {THREADS} (wall clock)"
+    table = Rows(title=f"bits per parameter (lossless; MB/s: {speed}, of decoded bytes)")
     for col in ("weights", "coder", "params", "bits/param", "encode MB/s", "decode MB/s"):
         table.add_column(col, justify="left" if col in ("weights", "coder") else "right")
     if not args.skip_smollm:

@@ -77,7 +77,8 @@ def load_export(folder: str | Path) -> nn.Module:
     plan = read_plan(qc, str(folder)) if qc else None
     placed = place_modules(model, plan, str(folder)) if plan else {}
     if lossless_file(qc, str(folder)):
-        tensors, _ = read_container(folder / LOSSLESS_FILE)
+        # as many decoding threads as torch may use (OMP_NUM_THREADS, torch.set_num_threads)
+        tensors, _ = read_container(folder / LOSSLESS_FILE, workers=torch.get_num_threads())
     else:
         tensors = _read_tensors(folder / WEIGHTS_FILE)
     _check_tensors(model, tensors, folder)

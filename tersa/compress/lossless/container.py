@@ -13,7 +13,9 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import BinaryIO
 
@@ -115,12 +117,14 @@ def write_container(
 
 
 def decode_container(
-    data: bytes | memoryview, max_output_bytes: int | None = None
+    data: bytes | memoryview, max_output_bytes: int | None = None, workers: int = 1
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of a container held in memory.
 
     :param max_output_bytes: refuse containers that declare more decoded bytes (default:
         ``EXPANSION`` × the container's size + ``SLACK_BYTES``).
+    :param workers: tensors decoded at once, in threads (the rANS loop, numpy and crc32 release
+        the GIL). Errors are the same whatever the count: the first bad tensor in file order.
     """
     view = memoryview(data)
     entries, metadata = _index(view[:PREAMBLE_BYTES], view, len(view))
@@ -131,23 +135,34 @@ def decode_container(
             f"container declares {declared} decoded bytes, over the limit of {limit} "
             f"for a {len(view)}-byte file"
         )
-    offset = PREAMBLE_BYTES + _header_length(view)
-    tensors = {}
-    for entry in entries:
-        tensors[entry.name] = _decode_entry(entry, view, offset)
-        offset += entry.stored_bytes
-    return tensors, metadata
+    start = PREAMBLE_BYTES + _header_length(view)
+    offsets = list(accumulate((e.stored_bytes for e in entries), initial=start))  # [n + 1]
+    if workers <= 1 or len(entries) < 2:
+        decoded = [_decode_entry(e, view, o) for e, o in zip(entries, offsets, strict=False)]
+    else:
+        with ThreadPoolExecutor(min(workers, len(entries))) as pool:
+            futures = [
+                pool.submit(_decode_entry, e, view, o)
+                for e, o in zip(entries, offsets, strict=False)
+            ]
+            try:
+                decoded = [f.result() for f in futures]  # in file order: the first error wins
+            finally:
+                for f in futures:
+                    f.cancel()
+    return {e.name: t for e, t in zip(entries, decoded, strict=True)}, metadata
 
 
 def read_container(
-    path: Path, max_output_bytes: int | None = None
+    path: Path, max_output_bytes: int | None = None, workers: int = 1
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and metadata of the container file ``path``."""
+    """The tensors and metadata of the container file ``path`` (``workers``: see
+    :func:`decode_container`)."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise ContainerError(f"cannot read '{path}': {e}") from None
-    return decode_container(data, max_output_bytes)
+    return decode_container(data, max_output_bytes, workers)
 
 
 def read_some(

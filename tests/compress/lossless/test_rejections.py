@@ -247,3 +247,21 @@ def test_index_reads_the_header_only(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(ContainerError, match="container is truncated"):
         read_index(path)
+
+
+def test_threaded_decode_reports_the_first_bad_tensor_in_file_order() -> None:
+    """Two corrupt tensors: with any number of threads the error names the first one."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {n: (torch.randn(64, 96, generator=g) * 0.02).to(torch.bfloat16) for n in "abcd"}
+    parts = encode_container(tensors)[0]
+    doc = json.loads(parts[1])
+    data = bytearray(b"".join(parts))
+    start = 20 + len(parts[1])
+    for name in ("b", "d"):  # flip a byte in the last segment of b and of d
+        i = "abcd".index(name)
+        end = start + sum(s[1] for t in doc["tensors"][: i + 1] for s in t["segments"])
+        data[end - 1] ^= 0xFF
+    for workers in (1, 2, 4):
+        assert _error(bytes(data), workers=workers) == (
+            "tensor 'b': checksum mismatch in segment 2 (bits)"
+        )

@@ -163,3 +163,15 @@ def test_a_context_without_symbols_round_trips() -> None:
     assert sum(s.kind == "ans" for s in segments) == 2
     out = decode_symbols(segments, grouping, (4, 3), 5, np.int64, "t")
     np.testing.assert_array_equal(out, matrix)
+
+
+def test_threaded_decode_gives_the_same_tensors_in_order() -> None:
+    tensors = {
+        f"t{i}": _weights((37 + i, 64), torch.bfloat16) if i % 2 else _codes((9, 5 + i))
+        for i in range(7)
+    }
+    blob = _blob(tensors)
+    for workers in (2, 3, 16):
+        out, _ = decode_container(blob, workers=workers)
+        assert list(out) == list(tensors)
+        assert all(_same(out[k], v) for k, v in tensors.items())
