@@ -2,8 +2,8 @@
 
 A table-driven range-ANS coder compiled with numba. The ``constriction`` package (the format's
 coder up to container version 1) decodes with a binary search per symbol: ``bench/size.py``
-measured 46 MB/s of bf16 output on one core with it, 146 MB/s with this coder's slot → symbol
-lookup table (the target is 100 MB/s).
+measured 46 MB/s of bf16 output on one core with it, 169–212 MB/s with this coder's slot →
+symbol lookup table (the target is 100 MB/s).
 
 Coder, per chunk (the parameters of Giesen's ``rans64``):
 

@@ -38,11 +38,14 @@ def unpack(data: bytes, count: int, width: int, dtype: np.dtype) -> np.ndarray:
     """The [count] values of ``dtype`` (wide enough for ``width`` bits); ``data`` must hold exactly
     ``packed_size(count, width)`` bytes (the caller checks)."""
     out = np.zeros(count, dtype)
+    wide = np.empty(count, dtype)  # one reused buffer for each plane widened and shifted
     offset, shift = 0, 0
     for b in plane_widths(width):
         size = -(-count // (8 // b))
         plane = np.frombuffer(data, np.uint8, size, offset)
-        out |= _unpack_plane(plane, b, count).astype(dtype) << dtype.type(shift)
+        wide[:] = _unpack_plane(plane, b, count)
+        wide <<= dtype.type(shift)
+        out |= wide
         offset += size
         shift += b
     return out
