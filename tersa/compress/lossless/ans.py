@@ -141,13 +141,12 @@ def encode(indices: np.ndarray, freqs: np.ndarray) -> list[tuple[bytes, int]]:
     """
     if indices.size == 0:
         return []  # an empty context: its frequency row is all zero, no model exists for it
-    f = np.ascontiguousarray(freqs, np.uint32)
-    cums = (np.cumsum(f, dtype=np.uint32) - f).astype(np.uint32)
+    m = Model(freqs)
     chunks = []
     for start in range(0, indices.size, CHUNK_SYMBOLS):
         part = np.ascontiguousarray(indices[start : start + CHUNK_SYMBOLS], np.int32)
         out = np.empty(part.size + STATE_WORDS, np.uint32)
-        begin = _encode(part, f, cums, out)
+        begin = _encode(part, m.freqs, m.cums, out)
         chunks.append((out[begin:].astype("<u4").tobytes(), part.size))
     return chunks
 
